@@ -1,0 +1,234 @@
+"""Discrete optimizer, stable flow and rod flow from one state, side by side."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _metrics as M
+from ._discrete import DiscreteRun, run_discrete
+from ._errors import InputError
+from ._integrate import FlowRun, SolverConfig, integrate
+from ._sharpness import optimizer_sharpness
+from .flows import rod_flow, stable_flow
+from .optimizers import AbstractOptimizer, describe
+
+MODELS = ("discrete", "stable", "rod")
+FLOWS = ("stable", "rod")
+
+
+def default_start_step(optimizer: AbstractOptimizer) -> int:
+    """``ceil(10 / (1 - beta))`` for momentum and Adam-type methods (their transient), else 0."""
+    hp = optimizer.hyperparameters()
+    beta = hp.get("momentum", hp.get("b1"))
+    if beta is None:
+        return 0
+    return int(math.ceil(10.0 / (1.0 - float(beta)) - 1e-9))
+
+
+@dataclasses.dataclass
+class Comparison:
+    """What :func:`compare` returns: JSON-ready metrics and per-step numpy trajectories."""
+
+    metrics: dict[str, Any]
+    trajectories: dict[str, np.ndarray]
+
+
+def _rows(tree) -> np.ndarray:
+    """Stacked pytree (leading axis m) -> (m, d) matrix, leaves in ``ravel_pytree`` order."""
+    leaves = jax.tree.leaves(tree)
+    return np.concatenate([np.asarray(x).reshape(x.shape[0], -1) for x in leaves], axis=1)
+
+
+def _index(tree, i):
+    return jax.tree.map(lambda x: jnp.asarray(x[i]), tree)
+
+
+def _param_grid(n_params: int, num_steps: int, budget: float) -> np.ndarray:
+    every = max(1, math.ceil(n_params * (num_steps + 1) / budget))
+    return np.arange(0, num_steps, every)
+
+
+def _probe(optimizer, loss_fn, params, slows, idx, k, method, desc, progress):
+    """Sharpness and threshold at rows ``idx`` of stacked ``params``/``slows``."""
+    f = eqx.filter_jit(lambda p, s: optimizer_sharpness(optimizer, loss_fn, p, s, k, method))
+    out = np.full((len(idx), k), np.nan)
+    thr = np.full(len(idx), np.nan)
+    it = idx
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(idx, desc=f"sharpness {desc}", leave=False)
+    for j, i in enumerate(it):
+        p = _index(params, i)
+        if not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(p)):
+            continue
+        ev, t = f(p, _index(slows, i))
+        out[j, : ev.shape[0]] = np.asarray(ev)
+        thr[j] = float(t)
+    return out, thr
+
+
+def _flow_start(run: DiscreteRun, start_step: int):
+    z0, s0 = run.state_at(start_step)
+    z1, s1 = run.state_at(start_step + 1)
+    return z0, s0, z1, s1
+
+
+def compare(
+    loss_fn,
+    params0,
+    optimizer: AbstractOptimizer,
+    num_steps: int,
+    *,
+    start_step: int | str = "auto",
+    models: Sequence[str] = MODELS,
+    probe_every: int | None = None,
+    top_k: int = 1,
+    sharpness_method: str = "auto",
+    solver: dict[str, SolverConfig] | None = None,
+    exact_slow_feed: bool = True,
+    progress: bool = False,
+    param_budget: float = 2e7,
+) -> Comparison:
+    """Run the discrete optimizer and the requested flows from one state and compare them.
+
+    The flows start from the discrete state at ``start_step`` K (``"auto"``:
+    :func:`default_start_step`): the rod at ``c = (z_K + z_{K+1})/2``, ``r = (z_{K+1} - z_K)/2``,
+    the stable flow at ``z_K``. At each step k >= K the flows' centres are compared with the
+    discrete midpoint ``mid_k = (z_k + z_{k+1})/2``::
+
+        param_rel_error(k) = ||centre(k) - mid_k|| / ||mid_k - mid_K||
+
+    Parameters are kept at every step unless ``n_params * num_steps`` exceeds
+    ``param_budget`` floats, in which case on an even grid. Sharpness (the quantity the
+    optimizer's threshold is on) is probed every ``probe_every`` steps.
+    """
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise InputError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    K = default_start_step(optimizer) if start_step == "auto" else int(start_step)
+    if num_steps < 2:
+        raise InputError(f"steps must be at least 2, got {num_steps}")
+    if not 0 <= K <= num_steps - 2:
+        raise InputError(f"start step must lie in [0, steps - 2] = [0, {num_steps - 2}], got {K}")
+    flows = [m for m in FLOWS if m in models]
+    n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params0))
+    grid = _param_grid(n_params, num_steps, param_budget)
+    probe_every = probe_every or max(1, num_steps // 50)
+    probe_every = max(probe_every, int(grid[1] - grid[0]) if len(grid) > 1 else 1)
+    save = np.unique(np.concatenate([grid, grid + 1, [K, K + 1]]))
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    run = run_discrete(optimizer, loss_fn, params0, num_steps, save_steps=save, progress=progress)
+    timings["discrete"] = time.perf_counter() - t
+
+    steps_all = np.arange(num_steps + 1)
+    traj: dict[str, np.ndarray] = {"step": steps_all, "discrete_loss": run.loss}
+    avg_loss = 0.5 * (run.loss[:-1] + run.loss[1:])  # (L(z_k) + L(z_{k+1}))/2, k = 0..N-1
+    traj["discrete_avg_loss"] = np.append(avg_loss, np.nan)
+
+    # discrete midpoints on the grid
+    pos = {int(s): i for i, s in enumerate(run.saved_steps)}
+    P = _rows(run.params)
+    mid = np.stack([0.5 * (P[pos[k]] + P[pos[k + 1]]) for k in grid])
+    half = np.stack([0.5 * np.linalg.norm(P[pos[k + 1]] - P[pos[k]]) for k in grid])
+    mid_K = 0.5 * (P[pos[K]] + P[pos[K + 1]])
+
+    # discrete sharpness
+    probe_idx = [pos[int(k)] for k in grid if k % probe_every == 0]
+    probe_steps = run.saved_steps[probe_idx]
+    ev, thr = _probe(optimizer, loss_fn, run.params, run.slow, probe_idx, top_k, sharpness_method, "discrete", progress)
+    traj["discrete_sharpness_step"] = probe_steps
+    traj["discrete_sharpness"] = ev
+    traj["discrete_threshold"] = thr
+    ratio = ev[:, 0] / thr
+    onset = M.eos_onset_step(probe_steps, ratio)
+
+    metrics: dict[str, Any] = {
+        "optimizer": describe(optimizer),
+        "num_steps": num_steps,
+        "start_step": K,
+        "num_params": n_params,
+        "threshold_quantity": optimizer.threshold_quantity,
+        "threshold": M.last_finite(thr),
+        "eos_onset_step": onset,
+        "eos_fraction": M.eos_fraction(probe_steps, ratio),
+        "discrete": {
+            "final_loss": M.last_finite(run.loss),
+            "diverged": run.diverged,
+            "diverged_at": run.diverged_at,
+            "sharpness_final": M.last_finite(ev[:, 0]),
+        },
+    }
+    if run.diverged and run.diverged_at <= K + 1:
+        for name in flows:
+            metrics[name] = {"failed": True, "failed_at": K, "message": "discrete run diverged before the start step"}
+        metrics["timings_s"] = timings
+        return Comparison(metrics, traj)
+
+    z0, s0, z1, s1 = _flow_start(run, K)
+    flow_grid = grid[grid >= K]
+    in_flow = grid >= K
+    late = M.late_window(flow_grid, K, num_steps)
+    disc_ok = np.isfinite(avg_loss[flow_grid])
+    for name in flows:
+        if name == "rod":
+            flow, y0 = rod_flow(optimizer, loss_fn, z0, s0, z1, s1, exact_slow_feed=exact_slow_feed)
+        else:
+            flow, y0 = stable_flow(optimizer, loss_fn, z0, s0, s1)
+        config = (solver or {}).get(name)
+        t = time.perf_counter()
+        fr: FlowRun = integrate(flow, y0, K, num_steps - 1, param_steps=flow_grid, config=config, progress=progress)
+        timings[name] = time.perf_counter() - t
+        C = _rows(fr.centre)
+        err = M.param_rel_error(C, mid[in_flow], mid_K)
+        err = np.where(disc_ok, err, np.nan)
+        loss_full = np.full(num_steps + 1, np.nan)
+        loss_full[fr.steps] = fr.loss
+        traj[f"{name}_loss"] = loss_full
+        err_full = np.full(num_steps + 1, np.nan)
+        err_full[flow_grid] = err
+        traj[f"{name}_param_error"] = err_full
+        lerr = M.loss_rel_error(fr.loss, avg_loss[K:num_steps])
+        fidx = [i for i, k in enumerate(flow_grid) if k % probe_every == 0]
+        fev, fthr = _probe(optimizer, loss_fn, fr.centre, fr.slow, fidx, top_k, sharpness_method, name, progress)
+        traj[f"{name}_sharpness_step"] = flow_grid[fidx]
+        traj[f"{name}_sharpness"] = fev
+        traj[f"{name}_threshold"] = fthr
+        entry = {
+            "param_rel_error_max": M.nan_max(err[late]),
+            "param_rel_error_final": M.last_finite(err),
+            "loss_rel_error_mean": float(np.nanmean(lerr)) if np.isfinite(lerr).any() else None,
+            "loss_window_log_error": M.windowed_log_loss_error(fr.loss, avg_loss[K:num_steps]),
+            "sharpness_final": M.last_finite(fev[:, 0]),
+            "sharpness_ratio_final": M.last_finite(fev[:, 0] / fthr),
+            "failed": fr.failed,
+            "failed_at": fr.failed_at,
+            "message": fr.message,
+            "solver_steps": fr.solver_steps,
+            "rejected_steps": fr.rejected_steps,
+        }
+        if fr.half_norm is not None:
+            hn = np.full(num_steps + 1, np.nan)
+            hn[fr.steps] = fr.half_norm
+            traj["rod_half_norm"] = hn
+        metrics[name] = entry
+    dh = np.full(num_steps + 1, np.nan)
+    dh[grid] = half
+    traj["discrete_half_norm"] = dh
+    if "stable" in metrics and "rod" in metrics:
+        a, b = metrics["stable"].get("param_rel_error_final"), metrics["rod"].get("param_rel_error_final")
+        metrics["error_ratio_final"] = a / b if a and b else None
+        a, b = metrics["stable"].get("param_rel_error_max"), metrics["rod"].get("param_rel_error_max")
+        metrics["error_ratio_max"] = a / b if a and b else None
+    metrics["timings_s"] = timings
+    return Comparison(metrics, traj)

@@ -1,0 +1,60 @@
+"""Named pytree arithmetic: the one home for ad-hoc ``tree_map`` lambdas."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def tree_add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+def tree_sub(a, b):
+    return jax.tree.map(jnp.subtract, a, b)
+
+
+def tree_scale(a, s):
+    return jax.tree.map(lambda x: s * x, a)
+
+
+def tree_axpy(alpha, x, y):
+    """``alpha * x + y``."""
+    return jax.tree.map(lambda xi, yi: alpha * xi + yi, x, y)
+
+
+def tree_mean2(a, b):
+    """``(a + b) / 2``."""
+    return jax.tree.map(lambda x, y: 0.5 * (x + y), a, b)
+
+
+def tree_half_diff(a, b):
+    """``(a - b) / 2``."""
+    return jax.tree.map(lambda x, y: 0.5 * (x - y), a, b)
+
+
+def tree_vdot(a, b):
+    leaves = jax.tree.map(lambda x, y: jnp.vdot(x, y, precision=_HI), a, b)
+    return sum(jax.tree.leaves(leaves), jnp.zeros(()))
+
+
+def tree_sum_squares(a):
+    return sum((jnp.sum(jnp.square(x)) for x in jax.tree.leaves(a)), jnp.zeros(()))
+
+
+def tree_norm(a):
+    return jnp.sqrt(tree_sum_squares(a))
+
+
+def tree_zeros_like(a):
+    return jax.tree.map(jnp.zeros_like, a)
+
+
+def tree_all_finite(a):
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(a)]))
+
+
+def tree_where(pred, a, b):
+    return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)

@@ -1,0 +1,5 @@
+"""Continuous-time models of an optimizer: stable flow and rod flow."""
+
+from ._base import AbstractFlow as AbstractFlow
+from ._rod import RodFlow as RodFlow, RodState as RodState, rod_flow as rod_flow
+from ._stable import StableFlow as StableFlow, StableState as StableState, stable_flow as stable_flow

@@ -1,0 +1,66 @@
+"""What every flow shares: the optimizer, the loss, and a scaled slow state."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from ..optimizers import AbstractOptimizer, Phase, Slow
+
+
+def _leaf_scale(x):
+    """A positive scale for one slow-state leaf, so that absolute tolerances mean something."""
+    x = jnp.asarray(x)
+    s = jnp.mean(jnp.abs(x)) if x.ndim else jnp.abs(x)
+    return jnp.where(s > 0, s, jnp.ones_like(s))
+
+
+def slow_scale(slow: Slow) -> Slow:
+    """Per-leaf scales for ``slow``: 1 for the count, the mean magnitude of each ``nu`` leaf."""
+    nu = None if slow.nu is None else jax.tree.map(_leaf_scale, slow.nu)
+    return Slow(jnp.ones_like(slow.count), nu)
+
+
+def _apply(slow: Slow, scale: Slow, op) -> Slow:
+    return jax.tree.map(op, slow, scale)
+
+
+class AbstractFlow(eqx.Module):
+    r"""An ODE in optimizer-step time whose unit-time map approximates one optimizer step.
+
+    The state is integrated with the slow state divided by ``scale`` (fixed at the start), so
+    that one absolute tolerance serves parameters and second moments of any magnitude.
+    """
+
+    optimizer: AbstractOptimizer
+    loss_fn: Callable = eqx.field(static=True)
+    scale: Slow
+
+    @abc.abstractmethod
+    def vector_field(self, t, y, args) -> Any:
+        """``dy/dt``; ``args`` is unused (the flow carries its own hyperparameters)."""
+
+    @abc.abstractmethod
+    def centre(self, y) -> Phase:
+        """The phase state this flow predicts as the discrete midpoint."""
+
+    @abc.abstractmethod
+    def predicted_loss(self, y) -> jax.Array:
+        """The flow's prediction of the time-averaged loss."""
+
+    @abc.abstractmethod
+    def slow(self, y) -> Slow:
+        """The (unscaled) slow state."""
+
+    def scaled(self, slow: Slow) -> Slow:
+        return _apply(slow, self.scale, jnp.divide)
+
+    def unscaled(self, slow: Slow) -> Slow:
+        return _apply(slow, self.scale, jnp.multiply)
+
+    def grad(self, params):
+        return jax.grad(self.loss_fn)(params)

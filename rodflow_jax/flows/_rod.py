@@ -1,0 +1,117 @@
+r"""The rod flow: two consecutive iterates evolved as one object.
+
+A rod with centre ``c`` and half-vector ``r`` has endpoints ``c + r`` and ``c - r`` in phase
+space. One optimizer step applied to both endpoints gives the next rod with its orientation
+flipped:
+
+.. math::
+
+    A_\pm = \tfrac12 \big(T(c + r) \pm T(c - r)\big), \qquad (c, r) \mapsto (A_+, -A_-).
+
+The rod flow is the ODE whose unit-time step is that map,
+
+.. math::
+
+    \dot c = A_+ - c, \qquad \dot r = -A_- - r, \qquad
+    \dot s = \tfrac12 \big(S(c + r, s) + S(c - r, s)\big) - s,
+
+written once here for every optimizer: an optimizer only supplies ``T`` and ``S``. For GD it is
+gradient descent-ascent on $\tfrac12(L(c+r) + L(c-r)) - |r|^2/\eta$ (Regis & Chewi 2026,
+arXiv:2602.01480; arXiv:2605.06821 for the other eight optimizers).
+
+The slow state's period-2 feed is exact by default: for ``s' = b s + (1-b) f(g)`` the
+alternating part of ``s'`` on a period-2 orbit is ``1/(1+b)`` of the naive endpoint value
+(``optimizer.slow_alternation()``), so each endpoint's step divides by
+``mean + (own - mean)/(1 + b)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._tree import tree_add, tree_half_diff, tree_mean2, tree_sub
+from ..optimizers import AbstractOptimizer, Phase, Slow
+from ._base import AbstractFlow, slow_scale
+
+_SIGNS = (1.0, -1.0)
+
+
+class RodState(NamedTuple):
+    centre: Phase
+    half: Phase
+    slow: Slow  # scaled by the flow's ``scale``
+
+
+def _stack(a, b):
+    return jax.tree.map(lambda x, y: jnp.stack([x, y]), a, b)
+
+
+def _unstack(t):
+    return jax.tree.map(lambda x: x[0], t), jax.tree.map(lambda x: x[1], t)
+
+
+class RodFlow(AbstractFlow):
+    """Rod flow of ``optimizer`` on ``loss_fn``; see the module docstring for the equations."""
+
+    exact_slow_feed: bool = eqx.field(static=True, default=True)
+
+    def endpoints(self, y: RodState) -> tuple[Phase, Phase]:
+        return tree_add(y.centre, y.half), tree_sub(y.centre, y.half)
+
+    def vector_field(self, t, y: RodState, args) -> RodState:
+        opt = self.optimizer
+        slow = self.unscaled(y.slow)
+        ends = _stack(*self.endpoints(y))
+        grads = jax.vmap(lambda z: self.grad(z.params))(ends)
+        new_slows = jax.vmap(lambda g: opt.slow_map(slow, g))(grads)
+        mean_slow = jax.tree.map(lambda x: jnp.mean(x, axis=0), new_slows)
+        if self.exact_slow_feed:
+            a = opt.slow_alternation()
+            new_slows = jax.tree.map(lambda x, m: m + a * (x - m), new_slows, mean_slow)
+        moved = jax.vmap(lambda z, g, s1: opt.fast_map(z, g, slow, s1))(ends, grads, new_slows)
+        plus, minus = _unstack(moved)
+        d_centre = tree_sub(tree_mean2(plus, minus), y.centre)
+        d_half = jax.tree.map(lambda a, b, r: -0.5 * (a - b) - r, plus, minus, y.half)
+        d_slow = self.scaled(tree_sub(mean_slow, slow))
+        return RodState(d_centre, d_half, d_slow)
+
+    def centre(self, y: RodState) -> Phase:
+        return y.centre
+
+    def slow(self, y: RodState) -> Slow:
+        return self.unscaled(y.slow)
+
+    def predicted_loss(self, y: RodState) -> jax.Array:
+        plus, minus = self.endpoints(y)
+        return 0.5 * (self.loss_fn(plus.params) + self.loss_fn(minus.params))
+
+    def half_norm(self, y: RodState) -> jax.Array:
+        """``|r|`` in parameter space: the predicted oscillation amplitude."""
+        from .._tree import tree_norm
+
+        return tree_norm(y.half.params)
+
+
+def rod_flow(
+    optimizer: AbstractOptimizer,
+    loss_fn,
+    z0: Phase,
+    s0: Slow,
+    z1: Phase,
+    s1: Slow,
+    *,
+    exact_slow_feed: bool = True,
+) -> tuple[RodFlow, RodState]:
+    """The rod flow and its initial state from two consecutive discrete states.
+
+    ``c = (z0 + z1)/2``, ``r = (z1 - z0)/2`` and ``s = (s0 + s1)/2`` (so the rod's count, and
+    hence its bias correction, sits half a step after ``s0``'s).
+    """
+    slow = tree_mean2(s0, s1)
+    flow = RodFlow(optimizer, loss_fn, slow_scale(s1), exact_slow_feed)
+    y0 = RodState(tree_mean2(z0, z1), tree_half_diff(z1, z0), flow.scaled(slow))
+    return flow, y0

@@ -1,0 +1,166 @@
+r"""Optimizers as pure maps on a phase state and a slow state.
+
+Every optimizer here is written as a pair of maps (see ``shared/design/rod-flow-math.md``):
+
+.. math::
+
+    s_{k+1} = S(s_k, g(w_k)), \qquad z_{k+1} = T(z_k, g(w_k); s_k, s_{k+1}),
+
+where the *phase state* ``z`` (parameters, and first moment where there is one) is the part
+that oscillates at the edge of stability, and the *slow state* ``s`` (step count, second
+moment) is smooth. Splitting the step this way is what lets one generic rod-flow construction
+serve all nine optimizers: the rod is built from ``T`` and ``S`` alone.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, ClassVar, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._errors import check_positive
+from .._tree import tree_sum_squares
+
+PyTree = Any
+
+
+class Phase(NamedTuple):
+    """Fast phase state ``z``: what oscillates at the edge of stability."""
+
+    params: PyTree
+    momentum: PyTree | None = None  # first moment m; None for GD and RMSProp
+
+
+class Slow(NamedTuple):
+    """Slow auxiliary state ``s``: smooth along the trajectory."""
+
+    count: jax.Array  # steps taken so far (optax's count before the update); real-valued in flows
+    nu: PyTree | None = None  # second moment: like params, a scalar (scalar variants), or None
+
+
+def _float_dtype(params):
+    leaves = jax.tree.leaves(params)
+    if not leaves:
+        raise ValueError("params has no array leaves")
+    return jnp.result_type(*leaves)
+
+
+class AbstractOptimizer(eqx.Module):
+    """An optimizer as a slow map ``S`` and a fast map ``T``.
+
+    Numeric hyperparameters are array leaves (so they vmap and differentiate); a learning-rate
+    schedule ``count -> eta`` may be given instead of a number.
+    """
+
+    name: ClassVar[str]
+    threshold_quantity: ClassVar[str]  # "sharpness" or "preconditioned sharpness"
+
+    learning_rate: Any
+
+    # --- the two maps each optimizer supplies ------------------------------------------------
+    @abc.abstractmethod
+    def init_momentum(self, params) -> PyTree | None: ...
+
+    @abc.abstractmethod
+    def init_nu(self, params) -> PyTree | None: ...
+
+    @abc.abstractmethod
+    def slow_map(self, slow: Slow, grad) -> Slow:
+        """``S``: the new slow state from the old one and the gradient at the phase state."""
+
+    @abc.abstractmethod
+    def fast_map(self, phase: Phase, grad, slow: Slow, new_slow: Slow) -> Phase:
+        """``T``: the new phase state, given the gradient at ``phase.params`` and both slow states."""
+
+    @abc.abstractmethod
+    def threshold(self, slow: Slow) -> jax.Array:
+        """The stability threshold of the step taken from slow state ``slow``.
+
+        The quantity it bounds is ``threshold_quantity``: the sharpness lambda_max(H), or the
+        preconditioned sharpness lambda_max(P^-1 H) with P from :meth:`preconditioner`.
+        """
+
+    @abc.abstractmethod
+    def hyperparameters(self) -> dict[str, Any]:
+        """All hyperparameters by optax's names."""
+
+    def preconditioner(self, new_slow: Slow):
+        """The ``P`` the update divides by (a pytree like params, a scalar), or ``None``."""
+        return None
+
+    def slow_alternation(self) -> jax.Array:
+        """Factor on the alternating part of the slow state's feed for a period-2 orbit.
+
+        For ``s' = b s + (1 - b) f(g)`` fed by a gradient that alternates with period 2, the
+        exact alternating part of ``s'`` is ``1 / (1 + b)`` times the naive one.
+        """
+        return jnp.ones(())
+
+    # --- generic pieces ------------------------------------------------------------------------
+    def eta(self, slow: Slow) -> jax.Array:
+        """Learning rate for the step taken from ``slow`` (schedules see optax's count)."""
+        if callable(self.learning_rate):
+            return self.learning_rate(slow.count)
+        return self.learning_rate
+
+    def init(self, params) -> tuple[Phase, Slow]:
+        count = jnp.zeros((), _float_dtype(params))
+        return Phase(params, self.init_momentum(params)), Slow(count, self.init_nu(params))
+
+    def step(self, phase: Phase, slow: Slow, grad) -> tuple[Phase, Slow]:
+        new_slow = self.slow_map(slow, grad)
+        return self.fast_map(phase, grad, slow, new_slow), new_slow
+
+    def __check_init__(self):
+        if not callable(self.learning_rate):
+            check_positive("learning_rate", self.learning_rate)
+
+
+def as_hparam(x):
+    """Numeric hyperparameters become (weakly typed) arrays; schedules stay callables."""
+    return x if callable(x) else jnp.asarray(x)
+
+
+def _float(x):
+    try:
+        return float(x)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return x
+
+
+def describe(opt: AbstractOptimizer) -> dict[str, Any]:
+    """A JSON-friendly description: name and every hyperparameter."""
+    hp = {k: ("schedule" if callable(v) else _float(v)) for k, v in opt.hyperparameters().items()}
+    return {"name": opt.name, **hp}
+
+
+# --- second-moment feeds and preconditioned division, shared by the adaptive families -------
+def second_moment_feed(grad, scalar: bool):
+    """``g^2`` per coordinate, or the scalar ``||g||^2`` (sum over all coordinates)."""
+    if scalar:
+        return tree_sum_squares(grad)
+    return jax.tree.map(jnp.square, grad)
+
+
+def ema(old, new, decay):
+    """``decay * old + (1 - decay) * new`` over matching pytrees."""
+    return jax.tree.map(lambda o, n: decay * o + (1 - decay) * n, old, new)
+
+
+def divide(u, p, scalar: bool):
+    """``u / P`` with ``P`` a pytree like ``u`` or (``scalar``) one number."""
+    if scalar:
+        return jax.tree.map(lambda x: x / p, u)
+    return jax.tree.map(jnp.divide, u, p)
+
+
+def zeros_nu(params, scalar: bool):
+    if scalar:
+        return jnp.zeros((), _float_dtype(params))
+    return jax.tree.map(jnp.zeros_like, params)
+
+
+ScheduleOrFloat = float | Callable[[jax.Array], jax.Array]
