@@ -146,8 +146,8 @@ def second_moment_feed(grad, scalar: bool):
 
 
 def ema(old, new, decay):
-    """``decay * old + (1 - decay) * new`` over matching pytrees."""
-    return jax.tree.map(lambda o, n: decay * o + (1 - decay) * n, old, new)
+    """``(1 - decay) * new + decay * old`` over matching pytrees (optax's order of operations)."""
+    return jax.tree.map(lambda o, n: (1 - decay) * n + decay * o, old, new)
 
 
 def divide(u, p, scalar: bool):
