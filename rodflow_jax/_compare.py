@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import equinox as eqx
@@ -39,6 +40,40 @@ class Comparison:
 
     metrics: dict[str, Any]
     trajectories: dict[str, np.ndarray]
+
+    def save(self, out_dir) -> Path:
+        """Write ``metrics.json``, ``trajectories.npz`` and PNG figures to ``out_dir``.
+
+        Written completely or not at all (a temporary folder renamed into place).
+        """
+        from ._io import atomic_dir, write_json, write_npz
+        from ._plot import plot_comparison
+
+        with atomic_dir(out_dir) as tmp:
+            write_json(tmp / "metrics.json", self.metrics)
+            write_npz(tmp / "trajectories.npz", self.trajectories)
+            plot_comparison(self.trajectories, self.metrics, tmp)
+        return Path(out_dir)
+
+
+def check_problem(loss_fn, params0) -> None:
+    """Raise :class:`InputError` unless ``params0`` has floating leaves and ``loss_fn(params0)``
+    is a finite real scalar."""
+    leaves = jax.tree.leaves(params0)
+    if not leaves:
+        raise InputError("params0 has no array leaves")
+    for x in leaves:
+        if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+            raise InputError(f"parameters must be floating-point arrays, got dtype {jnp.asarray(x).dtype}")
+    try:
+        value = loss_fn(params0)
+    except Exception as e:  # user code: report, do not crash
+        raise InputError(f"loss_fn(params0) raised {type(e).__name__}: {e}") from None
+    shape = jnp.shape(value)
+    if shape != ():
+        raise InputError(f"loss_fn must return a scalar, got shape {shape}")
+    if not bool(jnp.isfinite(value)):
+        raise InputError(f"loss is not finite at the initial parameters ({float(value)})")
 
 
 def _rows(tree) -> np.ndarray:
@@ -119,6 +154,7 @@ def compare(
         raise InputError(f"steps must be at least 2, got {num_steps}")
     if not 0 <= K <= num_steps - 2:
         raise InputError(f"start step must lie in [0, steps - 2] = [0, {num_steps - 2}], got {K}")
+    check_problem(loss_fn, params0)
     flows = [m for m in FLOWS if m in models]
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params0))
     grid = _param_grid(n_params, num_steps, param_budget)

@@ -1,0 +1,153 @@
+"""The ``rodflow`` command line: ``rodflow list`` and ``rodflow compare``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ._errors import InputError
+
+HPARAM_FLAGS = ("learning_rate", "momentum", "b1", "b2", "eps", "decay")
+DEFAULT_PROBLEM, DEFAULT_OPTIMIZER = "mlp-digits", "gd"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, no usage dump
+        raise InputError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rodflow", description="Rod flow, stable flow and the real optimizer at the edge of stability.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    sub.add_parser("list", help="list built-in problems and optimizers")
+    c = sub.add_parser("compare", help="run discrete, stable and rod from one state and compare them")
+    c.add_argument("--problem", default=DEFAULT_PROBLEM, help="built-in name, or path/to/file.py:make")
+    c.add_argument("--optimizer", default=DEFAULT_OPTIMIZER)
+    for name in HPARAM_FLAGS:
+        c.add_argument("--" + name.replace("_", "-"), dest=name, type=float, default=None)
+    c.add_argument("--steps", type=int, default=None, help="discrete steps (default: the problem's)")
+    c.add_argument("--start-step", default="auto", help="step K the flows start from, or 'auto'")
+    c.add_argument("--models", default="discrete,stable,rod")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--probe-every", type=int, default=None, help="sharpness probe interval (steps)")
+    c.add_argument("--top-k", type=int, default=1)
+    c.add_argument("--float64", action="store_true", help="run everything in double precision")
+    c.add_argument("--out", default=None, help="output folder (default runs/PROBLEM-OPTIMIZER)")
+    c.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _cmd_list() -> int:
+    from .optimizers import OPTIMIZERS, hyperparameter_names
+    from .problems import list_problems
+
+    print("problems:")
+    for prob in list_problems():
+        print(f"  {prob.name:18s} {prob.description}")
+    print("optimizers:")
+    for name in OPTIMIZERS:
+        print(f"  {name:18s} {', '.join(hyperparameter_names(name))}")
+    return 0
+
+
+def _is_user_problem(spec: str) -> bool:
+    return ".py" in spec or os.sep in spec
+
+
+def _load(args):
+    """(problem label, loss_fn, params0, default steps, problem hyperparameters for the optimizer)."""
+    from .problems import get_problem, load_user_problem
+
+    if _is_user_problem(args.problem):
+        loss_fn, params0 = load_user_problem(args.problem, args.seed)
+        if args.learning_rate is None:
+            raise InputError("--learning-rate is required for a user problem")
+        return Path(args.problem.split(":")[0]).stem, loss_fn, params0, 500, {}
+    prob = get_problem(args.problem)
+    loss_fn, params0 = prob.make(args.seed)
+    hp = {"learning_rate": prob.learning_rates.get(args.optimizer), **prob.hyperparameters.get(args.optimizer, {})}
+    return prob.name, loss_fn, params0, prob.default_steps, hp
+
+
+def _table(metrics) -> str:
+    rows = [f"{'model':9s} {'final loss':>11s} {'err final':>10s} {'err max':>10s} {'sharp/thr':>10s}  status"]
+    d = metrics["discrete"]
+    thr = metrics.get("threshold") or float("nan")
+    fmt = lambda x: f"{x:10.3g}" if isinstance(x, (int, float)) else f"{'-':>10s}"  # noqa: E731
+    status = f"diverged at step {d['diverged_at']}" if d["diverged"] else "ok"
+    s = d.get("sharpness_final")
+    rows.append(f"{'discrete':9s} {fmt(d['final_loss'])} {fmt(None)} {fmt(None)} {fmt(s / thr if s else None)}  {status}")
+    for m in ("stable", "rod"):
+        if m not in metrics:
+            continue
+        e = metrics[m]
+        st = f"failed at step {e['failed_at']} ({e.get('message', '')})" if e.get("failed") else "ok"
+        rows.append(
+            f"{m:9s} {fmt(None)} {fmt(e.get('param_rel_error_final'))} {fmt(e.get('param_rel_error_max'))} "
+            f"{fmt(e.get('sharpness_ratio_final'))}  {st}"
+        )
+    if metrics.get("error_ratio_final"):
+        rows.append(f"stable/rod error ratio: final {metrics['error_ratio_final']:.3g}, max {metrics['error_ratio_max']:.3g}")
+    rows.append(f"edge-of-stability onset (discrete sharpness >= 95% of threshold): step {metrics['eos_onset_step']}")
+    return "\n".join(rows)
+
+
+def _cmd_compare(args) -> int:
+    if args.float64:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    from ._compare import compare
+    from .optimizers import hyperparameter_names, make_optimizer
+
+    label, loss_fn, params0, default_steps, problem_hp = _load(args)
+    user_hp = {k: getattr(args, k) for k in HPARAM_FLAGS if getattr(args, k) is not None}
+    valid = set(hyperparameter_names(args.optimizer))
+    hp = {k: v for k, v in problem_hp.items() if k in valid and v is not None}
+    hp.update(user_hp)  # unknown flags for this optimizer are reported by make_optimizer
+    optimizer = make_optimizer(args.optimizer, **hp)
+    steps = args.steps if args.steps is not None else default_steps
+    start = args.start_step if args.start_step == "auto" else _int(args.start_step, "--start-step")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    out = Path(args.out or f"runs/{label}-{args.optimizer}")
+    result = compare(
+        loss_fn, params0, optimizer, steps, start_step=start, models=models, probe_every=args.probe_every,
+        top_k=args.top_k, progress=not args.no_progress,
+    )
+    result.metrics["problem"] = label
+    result.metrics["seed"] = args.seed
+    result.metrics["float64"] = bool(args.float64)
+    result.save(out)
+    print(_table(result.metrics))
+    print(f"wrote {out}/metrics.json, trajectories.npz, loss.png, sharpness.png, param_error.png, summary.png")
+    return 0
+
+
+def _int(value: str, flag: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"{flag} must be an integer or 'auto', got {value!r}") from None
+
+
+def main(argv=None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        if args.command == "list":
+            return _cmd_list()
+        if args.command == "compare":
+            return _cmd_compare(args)
+        _parser().print_help()
+        return 2
+    except InputError as e:
+        print(f"rodflow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rodflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
