@@ -1,6 +1,20 @@
 """rodflow-jax: rod flow, stable flow and the real optimizer at the edge of stability."""
 
+from ._compare import (
+    Comparison as Comparison,
+    check_problem as check_problem,
+    compare as compare,
+    default_start_step as default_start_step,
+)
+from ._discrete import DiscreteRun as DiscreteRun, run_discrete as run_discrete
 from ._errors import InputError as InputError
+from ._integrate import FlowRun as FlowRun, SolverConfig as SolverConfig, integrate as integrate
+from ._sharpness import (
+    optimizer_sharpness as optimizer_sharpness,
+    top_eigenpairs as top_eigenpairs,
+    top_eigenvalues as top_eigenvalues,
+)
+from .flows import RodFlow as RodFlow, StableFlow as StableFlow, rod_flow as rod_flow, stable_flow as stable_flow
 from .optimizers import (
     GD as GD,
     OPTIMIZERS as OPTIMIZERS,
@@ -17,5 +31,6 @@ from .optimizers import (
     Slow as Slow,
     make_optimizer as make_optimizer,
 )
+from .problems import PROBLEMS as PROBLEMS, get_problem as get_problem, load_user_problem as load_user_problem
 
 __version__ = "0.1.0"

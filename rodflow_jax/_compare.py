@@ -176,7 +176,8 @@ def compare(
     pos = {int(s): i for i, s in enumerate(run.saved_steps)}
     P = _rows(run.params)
     mid = np.stack([0.5 * (P[pos[k]] + P[pos[k + 1]]) for k in grid])
-    half = np.stack([0.5 * np.linalg.norm(P[pos[k + 1]] - P[pos[k]]) for k in grid])
+    with np.errstate(all="ignore"):  # a diverged run has inf/NaN rows: they stay NaN here
+        half = np.stack([0.5 * np.linalg.norm(P[pos[k + 1]] - P[pos[k]]) for k in grid])
     mid_K = 0.5 * (P[pos[K]] + P[pos[K + 1]])
 
     # discrete sharpness

@@ -12,9 +12,9 @@ def discrete_midpoints(params_k: np.ndarray, params_k1: np.ndarray) -> np.ndarra
 
 def param_rel_error(pred: np.ndarray, mid: np.ndarray, mid_start: np.ndarray) -> np.ndarray:
     """``||pred_k - mid_k|| / ||mid_k - mid_K||`` for each row k (NaN where the denominator is 0)."""
-    num = np.linalg.norm(pred - mid, axis=-1)
-    den = np.linalg.norm(mid - mid_start, axis=-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(all="ignore"):  # diverged rows are inf/NaN and stay so
+        num = np.linalg.norm(pred - mid, axis=-1)
+        den = np.linalg.norm(mid - mid_start, axis=-1)
         return np.where(den > 0, num / den, np.nan)
 
 

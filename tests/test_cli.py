@@ -1,0 +1,83 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rodflow_jax.cli import main
+
+USER_PROBLEM = """
+import jax.numpy as jnp
+
+def make():
+    def loss(p):
+        return 0.5 * jnp.sum(p["w"] ** 2 * jnp.array([1.0, 30.0]))
+    return loss, {"w": jnp.array([1.0, 0.01])}
+
+def bad():
+    return 3
+"""
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    f = tmp_path / "prob.py"
+    f.write_text(USER_PROBLEM)
+    return f
+
+
+def test_compare_user_problem_writes_outputs(tmp_path, user_file, capsys):
+    out = tmp_path / "out"
+    rc = main(["compare", "--problem", f"{user_file}:make", "--optimizer", "gd", "--learning-rate", "0.065",
+               "--steps", "80", "--out", str(out), "--no-progress", "--probe-every", "20"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["optimizer"]["learning_rate"] == 0.065 and m["problem"] == "prob"
+    assert "rod" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--optimizer", "adamw"], "unknown optimizer 'adamw'"),
+        (["--problem", "mlp-digit"], "unknown problem"),
+        (["--learning-rate", "-1"], "learning_rate must be a positive"),
+        (["--optimizer", "adam", "--b1", "1.2"], r"b1 must lie in \[0, 1\)"),
+        (["--optimizer", "adam", "--eps", "-1"], "eps must be >= 0"),
+        (["--optimizer", "gd", "--momentum", "0.9"], "takes no hyperparameter 'momentum'"),
+        (["--problem", "does/not/exist.py:make", "--learning-rate", "0.1"], "does not exist"),
+        (["--steps", "ten"], "invalid int value"),
+        (["--models", "discrete,rodd"], "unknown model"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, match, capsys):
+    out = tmp_path / "out"
+    rc = main(["compare", *args, "--out", str(out), "--steps", "5", "--no-progress"] if "--steps" not in args
+              else ["compare", *args, "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("rodflow: error:")
+    assert pytest.importorskip("re").search(match, err), err
+    assert not out.exists()
+
+
+def test_bad_user_problem_function(tmp_path, user_file, capsys):
+    out = tmp_path / "out"
+    rc = main(["compare", "--problem", f"{user_file}:bad", "--learning-rate", "0.1", "--out", str(out)])
+    assert rc == 2 and "expected (loss_fn, params0)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_no_traceback_from_the_real_entry_point(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rodflow_jax", "compare", "--optimizer", "nope", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "mlp-digits" in out and "scalar_nadam" in out

@@ -1,0 +1,61 @@
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rodflow_jax as rf
+from helpers import tiny_mlp
+
+
+def test_compare_metrics_and_files(tmp_path):
+    loss, params = tiny_mlp()
+    opt = rf.make_optimizer("gd", learning_rate=0.5)
+    result = rf.compare(loss, params, opt, 60, probe_every=10)
+    m = result.metrics
+    for key in ("optimizer", "num_steps", "threshold", "start_step", "eos_onset_step", "discrete", "stable", "rod"):
+        assert key in m
+    assert m["optimizer"] == {"name": "gd", "learning_rate": 0.5}
+    assert m["start_step"] == 0 and m["threshold"] == pytest.approx(4.0)
+    for model in ("stable", "rod"):
+        for key in ("param_rel_error_max", "param_rel_error_final", "loss_rel_error_mean", "sharpness_final", "failed"):
+            assert key in m[model]
+    t = result.trajectories
+    assert t["discrete_loss"].shape == (61,) and t["rod_loss"].shape == (61,)
+    np.testing.assert_allclose(t["rod_loss"][0], t["discrete_avg_loss"][0], rtol=1e-12)  # rod starts on mid_0
+    out = result.save(tmp_path / "run")
+    assert json.loads((out / "metrics.json").read_text())["num_steps"] == 60
+    assert {p.name for p in out.iterdir()} == {
+        "metrics.json", "trajectories.npz", "loss.png", "sharpness.png", "param_error.png", "summary.png"
+    }
+    npz = np.load(out / "trajectories.npz")
+    for key in ("step", "discrete_loss", "stable_loss", "rod_loss", "stable_param_error", "rod_param_error"):
+        assert key in npz
+
+
+def test_default_start_step():
+    assert rf.default_start_step(rf.make_optimizer("gd", learning_rate=0.1)) == 0
+    assert rf.default_start_step(rf.make_optimizer("rmsprop", learning_rate=0.1)) == 0
+    assert rf.default_start_step(rf.make_optimizer("adam", learning_rate=0.1)) == 100
+    assert rf.default_start_step(rf.make_optimizer("heavy_ball", learning_rate=0.1, momentum=0.5)) == 20
+
+
+def test_diverging_discrete_run_still_reports(tmp_path):
+    loss = lambda w: 0.5 * jnp.sum(jnp.array([1.0, 50.0]) * w**2)  # noqa: E731
+    result = rf.compare(loss, jnp.ones(2), rf.make_optimizer("gd", learning_rate=1.0), 300, probe_every=50)
+    d = result.metrics["discrete"]
+    assert d["diverged"] and d["diverged_at"] == 91
+    result.save(tmp_path / "run")  # NaNs never break writing
+
+
+@pytest.mark.parametrize(
+    "loss, params, match",
+    [
+        (lambda w: w, jnp.ones(3), "must return a scalar"),
+        (lambda w: jnp.sum(w) * jnp.nan, jnp.ones(3), "not finite"),
+        (lambda w: jnp.sum(w), jnp.ones(3, int), "floating-point"),
+    ],
+)
+def test_bad_problems(loss, params, match):
+    with pytest.raises(rf.InputError, match=match):
+        rf.compare(loss, params, rf.make_optimizer("gd", learning_rate=0.1), 10)
