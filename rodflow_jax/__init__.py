@@ -10,6 +10,8 @@ from ._discrete import DiscreteRun as DiscreteRun, run_discrete as run_discrete
 from ._errors import InputError as InputError
 from ._integrate import FlowRun as FlowRun, SolverConfig as SolverConfig, integrate as integrate
 from ._sharpness import (
+    SharpnessProbe as SharpnessProbe,
+    hessian_vector_product as hessian_vector_product,
     optimizer_sharpness as optimizer_sharpness,
     top_eigenpairs as top_eigenpairs,
     top_eigenvalues as top_eigenvalues,

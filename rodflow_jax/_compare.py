@@ -92,8 +92,11 @@ def _param_grid(n_params: int, num_steps: int, budget: float) -> np.ndarray:
 
 
 def _probe(optimizer, loss_fn, params, slows, idx, k, method, desc, progress):
-    """Sharpness and threshold at rows ``idx`` of stacked ``params``/``slows``."""
-    f = eqx.filter_jit(lambda p, s: optimizer_sharpness(optimizer, loss_fn, p, s, k, method))
+    """Sharpness and threshold at rows ``idx`` of stacked ``params``/``slows``.
+
+    Lanczos probes are warm-started from the previous probe's eigenvectors.
+    """
+    f = eqx.filter_jit(lambda p, s, v0: optimizer_sharpness(optimizer, loss_fn, p, s, k, method, v0=v0))
     out = np.full((len(idx), k), np.nan)
     thr = np.full(len(idx), np.nan)
     it = idx
@@ -101,13 +104,16 @@ def _probe(optimizer, loss_fn, params, slows, idx, k, method, desc, progress):
         from tqdm.auto import tqdm
 
         it = tqdm(idx, desc=f"sharpness {desc}", leave=False)
+    v0 = None
     for j, i in enumerate(it):
         p = _index(params, i)
         if not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(p)):
             continue
-        ev, t = f(p, _index(slows, i))
-        out[j, : ev.shape[0]] = np.asarray(ev)
-        thr[j] = float(t)
+        probe = f(p, _index(slows, i), v0)
+        out[j, : probe.eigenvalues.shape[0]] = np.asarray(probe.eigenvalues)
+        thr[j] = float(probe.threshold)
+        if np.all(np.isfinite(np.asarray(probe.vectors))):
+            v0 = probe.vectors
     return out, thr
 
 
@@ -154,6 +160,10 @@ def compare(
         raise InputError(f"steps must be at least 2, got {num_steps}")
     if not 0 <= K <= num_steps - 2:
         raise InputError(f"start step must lie in [0, steps - 2] = [0, {num_steps - 2}], got {K}")
+    if top_k < 1:
+        raise InputError(f"top-k must be at least 1, got {top_k}")
+    if probe_every is not None and probe_every < 1:
+        raise InputError(f"probe-every must be at least 1, got {probe_every}")
     check_problem(loss_fn, params0)
     flows = [m for m in FLOWS if m in models]
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params0))

@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--models", default="discrete,stable,rod")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--probe-every", type=int, default=None, help="sharpness probe interval (steps)")
-    c.add_argument("--top-k", type=int, default=1)
+    c.add_argument("--top-k", type=int, default=1, help="how many top eigenvalues each probe records")
+    c.add_argument("--sharpness-method", default="auto", choices=("auto", "dense", "lanczos"),
+                   help="dense Hessian (small models) or Lanczos on HVPs; auto picks by size")
     c.add_argument("--float64", action="store_true", help="run everything in double precision")
     c.add_argument("--out", default=None, help="output folder (default runs/PROBLEM-OPTIMIZER)")
     c.add_argument("--no-progress", action="store_true")
@@ -114,7 +116,7 @@ def _cmd_compare(args) -> int:
     out = Path(args.out or f"runs/{label}-{args.optimizer}")
     result = compare(
         loss_fn, params0, optimizer, steps, start_step=start, models=models, probe_every=args.probe_every,
-        top_k=args.top_k, progress=not args.no_progress,
+        top_k=args.top_k, sharpness_method=args.sharpness_method, progress=not args.no_progress,
     )
     result.metrics["problem"] = label
     result.metrics["seed"] = args.seed

@@ -48,6 +48,9 @@ def test_compare_user_problem_writes_outputs(tmp_path, user_file, capsys):
         (["--problem", "does/not/exist.py:make", "--learning-rate", "0.1"], "does not exist"),
         (["--steps", "ten"], "invalid int value"),
         (["--models", "discrete,rodd"], "unknown model"),
+        (["--top-k", "0"], "top-k must be at least 1"),
+        (["--start-step", "soon"], "--start-step must be an integer"),
+        (["--sharpness-method", "power"], "invalid choice"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, match, capsys):

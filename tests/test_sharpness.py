@@ -71,12 +71,28 @@ def test_preconditioned_matches_dense(method, scalar):
 def test_eigenvectors_are_eigenvectors():
     loss, params = PROBLEMS["near_degenerate"]()
     vals, vecs = rf.top_eigenpairs(loss, params, 2, method="lanczos", num_iter=100)
+    assert jax.tree.structure(jax.tree.map(lambda x: x[0], vecs)) == jax.tree.structure(params)
+    hvp = rf.hessian_vector_product(loss, params)
+    for i in range(2):
+        v = jax.tree.map(lambda x: x[i], vecs)
+        hv = hvp(v)
+        for a, b in zip(jax.tree.leaves(hv), jax.tree.leaves(v)):
+            np.testing.assert_allclose(a, vals[i] * b, atol=1e-6)
+
+
+def test_warm_start_converges_in_fewer_iterations():
+    loss, params = PROBLEMS["mlp"]()
+    ref = _dense_top(loss, params, 1)[0]
+    _, vecs = rf.top_eigenpairs(loss, params, 1, method="dense")
     from jax.flatten_util import ravel_pytree
 
-    x, unravel = ravel_pytree(params)
-    h = jax.hessian(lambda v: loss(unravel(v)))(x)
-    for i in range(2):
-        np.testing.assert_allclose(h @ vecs[:, i], vals[i] * vecs[:, i], atol=1e-6)
+    v0 = ravel_pytree(jax.tree.map(lambda x: x[0], vecs))[0]
+    perturbed = jax.tree.map(lambda x: x * 1.01, params)  # the next probe along a trajectory
+    ref2 = _dense_top(loss, perturbed, 1)[0]
+    cold = float(rf.top_eigenvalues(loss, perturbed, 1, method="lanczos", num_iter=6)[0])
+    warm = float(rf.top_eigenvalues(loss, perturbed, 1, method="lanczos", num_iter=6, v0=v0)[0])
+    assert abs(warm - ref2) / ref2 < abs(cold - ref2) / ref2
+    assert abs(warm - ref2) / ref2 < 1e-4 and ref != ref2
 
 
 def test_probe_works_under_vmap():
@@ -95,7 +111,7 @@ def test_optimizer_sharpness_uses_the_step_preconditioner():
     phase, slow = opt.init(params)
     for _ in range(3):
         phase, slow = opt.step(phase, slow, jax.grad(loss)(phase.params))
-    ev, thr = rf.optimizer_sharpness(opt, loss, phase.params, slow, method="dense")
+    ev, thr, _ = rf.optimizer_sharpness(opt, loss, phase.params, slow, method="dense")
     g = jax.grad(loss)(phase.params)
     nu = jax.tree.map(lambda v, gi: 0.999 * v + 0.001 * gi**2, slow.nu, g)
     p = jax.tree.map(lambda v: jnp.sqrt(v / (1 - 0.999**4)) + 1e-8, nu)
