@@ -58,9 +58,18 @@ def windowed_log_loss_error(pred: np.ndarray, ref: np.ndarray, window: int = 50)
 
 
 def eos_onset_step(steps: np.ndarray, ratio: np.ndarray, level: float = 0.95) -> int | None:
-    """First probed step whose sharpness/threshold ratio reaches ``level``, or None."""
-    hit = np.nonzero(np.asarray(ratio) >= level)[0]
-    return int(steps[hit[0]]) if hit.size else None
+    """First probed step at which sharpness/threshold rises to ``level``, or None.
+
+    A run that *starts* at or above ``level`` (Adam-type methods do in their first steps, where
+    the second moment holds a single gradient; GD does from a sharp initialisation) counts from
+    its first return below it: the onset is the first upward crossing after that.
+    """
+    ratio = np.asarray(ratio, float)
+    below = np.nonzero(ratio < level)[0]
+    if below.size == 0:
+        return None
+    hit = np.nonzero(ratio[below[0] :] >= level)[0]
+    return int(steps[below[0] + hit[0]]) if hit.size else None
 
 
 def eos_fraction(steps: np.ndarray, ratio: np.ndarray, level: float = 0.9) -> float | None:

@@ -59,3 +59,12 @@ def test_diverging_discrete_run_still_reports(tmp_path):
 def test_bad_problems(loss, params, match):
     with pytest.raises(rf.InputError, match=match):
         rf.compare(loss, params, rf.make_optimizer("gd", learning_rate=0.1), 10)
+
+
+def test_eos_onset_counts_from_the_first_return_below():
+    from rodflow_jax._metrics import eos_onset_step
+
+    steps = np.arange(0, 60, 10)
+    assert eos_onset_step(steps, np.array([0.5, 0.8, 0.96, 1.0, 0.99, 1.0])) == 20
+    assert eos_onset_step(steps, np.array([3.0, 1.2, 0.6, 0.7, 0.97, 1.0])) == 40  # Adam's transient
+    assert eos_onset_step(steps, np.array([0.5, 0.6, 0.7, 0.8, 0.9, 0.9])) is None

@@ -1,0 +1,134 @@
+"""Load a user-defined problem from ``path/to/file.py:make``.
+
+The file defines ``make(seed)`` (or ``make()``) returning ``(loss_fn, params0)``: a pure JAX
+function ``params -> scalar loss`` and a pytree of floating arrays. Every problem with the file
+or what it returns is reported as one :class:`InputError` line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import sys
+import uuid
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._base import InputError
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    """``"dir/f.py:fn"`` -> ``("dir/f.py", "fn")``; the function defaults to ``make``.
+
+    Only a colon after the last path separator counts, so Windows drive letters survive.
+    """
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and not any(s in tail for s in ("/", "\\")):
+        return head, tail or "make"
+    return spec, "make"
+
+
+def _import_file(path: str, label: str):
+    module_name = f"_rodflow_user_problem_{uuid.uuid4().hex}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise InputError(f"problem file '{path}' cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look modules up here
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # user code: report, don't crash
+        sys.modules.pop(module_name, None)
+        raise InputError(f"error while importing {label}: {type(e).__name__}: {e}") from e
+    return module
+
+
+def _takes_seed(fn) -> bool:
+    """Whether ``fn`` accepts one positional argument (the seed)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    try:
+        sig.bind(0)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_params(params0, label: str) -> None:
+    leaves = jax.tree_util.tree_leaves(params0)
+    if not leaves:
+        raise InputError(f"{label} returned params0 with no array leaves")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params0):
+        where = jax.tree_util.keystr(path) or "params0"
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None and isinstance(leaf, float):
+            dtype = np.dtype(float)
+        if dtype is None:
+            raise InputError(
+                f"{label}: params0 leaf {where} is a {type(leaf).__name__}, expected a floating array"
+            )
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise InputError(
+                f"{label}: params0 leaf {where} has dtype {dtype}, expected a floating dtype"
+            )
+
+
+def load_user_problem(spec: str, seed: int = 0):
+    """Import ``path/to/file.py[:function]`` and return its checked ``(loss_fn, params0)``.
+
+    ``function`` defaults to ``make`` and is called as ``make(seed)`` when it accepts one
+    positional argument, else ``make()``. Raises :class:`InputError` when the file or function
+    is missing, the return value is not ``(callable, pytree of floating arrays)``, or
+    ``loss_fn(params0)`` is not a real scalar; errors raised by user code are wrapped too.
+    """
+    path, fn_name = _split_spec(str(spec))
+    label = f"{path}:{fn_name}"
+    if not os.path.exists(path):
+        raise InputError(f"problem file '{path}' does not exist")
+    if not os.path.isfile(path):
+        raise InputError(f"problem file '{path}' is not a file")
+    module = _import_file(path, path)
+
+    fn = getattr(module, fn_name, None)
+    if fn is None:
+        raise InputError(f"problem file '{path}' defines no function '{fn_name}'")
+    if not callable(fn):
+        raise InputError(f"{label} is not callable (got {type(fn).__name__})")
+
+    try:
+        result = fn(seed) if _takes_seed(fn) else fn()
+    except Exception as e:
+        raise InputError(f"error while running {label}: {type(e).__name__}: {e}") from e
+
+    if not (isinstance(result, tuple) and len(result) == 2):
+        got = f"a {len(result)}-tuple" if isinstance(result, tuple) else type(result).__name__
+        raise InputError(f"{label} returned {got}, expected (loss_fn, params0)")
+    loss_fn, params0 = result
+    if not callable(loss_fn):
+        raise InputError(
+            f"{label} returned a {type(loss_fn).__name__} as loss_fn, expected a callable"
+        )
+    _check_params(params0, label)
+
+    try:
+        loss = loss_fn(params0)
+    except Exception as e:
+        raise InputError(f"error while running loss_fn of {label}: {type(e).__name__}: {e}") from e
+    try:
+        loss = jnp.asarray(loss)
+    except Exception:
+        raise InputError(
+            f"loss_fn of {label} must return a scalar, got {type(loss).__name__}"
+        ) from None
+    if loss.shape != ():
+        raise InputError(f"loss_fn of {label} must return a scalar, got shape {loss.shape}")
+    if not jnp.issubdtype(loss.dtype, jnp.floating):
+        raise InputError(
+            f"loss_fn of {label} must return a real floating scalar, got dtype {loss.dtype}"
+        )
+    return loss_fn, params0
