@@ -20,18 +20,9 @@ from rodflow_jax.problems import (
     load_user_problem,
 )
 from rodflow_jax.problems._quadratic import quadratic
+from conftest import ALL_OPTIMIZERS
 
-OPTIMIZER_NAMES = {
-    "gd",
-    "heavy_ball",
-    "nesterov",
-    "rmsprop",
-    "scalar_rmsprop",
-    "adam",
-    "scalar_adam",
-    "nadam",
-    "scalar_nadam",
-}
+OPTIMIZER_NAMES = set(ALL_OPTIMIZERS)
 EXPECTED = {"quadratic", "toy", "mlp-digits", "mlp-digits-ce", "cnn-digits", "transformer-sort"}
 
 

@@ -39,6 +39,11 @@ class _AbstractAdam(AbstractOptimizer):
     nesterov: ClassVar[bool]
     threshold_quantity: ClassVar[str] = "preconditioned sharpness"
 
+    learning_rate: object = eqx.field(converter=as_hparam)
+    b1: jax.Array = eqx.field(converter=as_hparam, default=0.9)
+    b2: jax.Array = eqx.field(converter=as_hparam, default=0.999)
+    eps: jax.Array = eqx.field(converter=as_hparam, default=1e-8)
+
     def init_momentum(self, params):
         return jax.tree.map(jnp.zeros_like, params)
 
@@ -93,10 +98,6 @@ class Adam(_AbstractAdam):
     name: ClassVar[str] = "adam"
     scalar: ClassVar[bool] = False
     nesterov: ClassVar[bool] = False
-    learning_rate: object = eqx.field(converter=as_hparam)
-    b1: jax.Array = eqx.field(converter=as_hparam, default=0.9)
-    b2: jax.Array = eqx.field(converter=as_hparam, default=0.999)
-    eps: jax.Array = eqx.field(converter=as_hparam, default=1e-8)
 
 
 class ScalarAdam(_AbstractAdam):
@@ -105,10 +106,6 @@ class ScalarAdam(_AbstractAdam):
     name: ClassVar[str] = "scalar_adam"
     scalar: ClassVar[bool] = True
     nesterov: ClassVar[bool] = False
-    learning_rate: object = eqx.field(converter=as_hparam)
-    b1: jax.Array = eqx.field(converter=as_hparam, default=0.9)
-    b2: jax.Array = eqx.field(converter=as_hparam, default=0.999)
-    eps: jax.Array = eqx.field(converter=as_hparam, default=1e-8)
 
 
 class NAdam(_AbstractAdam):
@@ -117,10 +114,6 @@ class NAdam(_AbstractAdam):
     name: ClassVar[str] = "nadam"
     scalar: ClassVar[bool] = False
     nesterov: ClassVar[bool] = True
-    learning_rate: object = eqx.field(converter=as_hparam)
-    b1: jax.Array = eqx.field(converter=as_hparam, default=0.9)
-    b2: jax.Array = eqx.field(converter=as_hparam, default=0.999)
-    eps: jax.Array = eqx.field(converter=as_hparam, default=1e-8)
 
 
 class ScalarNAdam(_AbstractAdam):
@@ -129,7 +122,3 @@ class ScalarNAdam(_AbstractAdam):
     name: ClassVar[str] = "scalar_nadam"
     scalar: ClassVar[bool] = True
     nesterov: ClassVar[bool] = True
-    learning_rate: object = eqx.field(converter=as_hparam)
-    b1: jax.Array = eqx.field(converter=as_hparam, default=0.9)
-    b2: jax.Array = eqx.field(converter=as_hparam, default=0.999)
-    eps: jax.Array = eqx.field(converter=as_hparam, default=1e-8)

@@ -52,6 +52,9 @@ class _AbstractMomentum(AbstractOptimizer):
 
     threshold_quantity: ClassVar[str] = "sharpness"
 
+    learning_rate: object = eqx.field(converter=as_hparam)
+    momentum: jax.Array = eqx.field(converter=as_hparam, default=0.9)
+
     def init_momentum(self, params):
         return jax.tree.map(jnp.zeros_like, params)
 
@@ -76,8 +79,6 @@ class HeavyBall(_AbstractMomentum):
     """
 
     name: ClassVar[str] = "heavy_ball"
-    learning_rate: object = eqx.field(converter=as_hparam)
-    momentum: jax.Array = eqx.field(converter=as_hparam, default=0.9)
 
     def fast_map(self, phase, grad, slow, new_slow):
         eta = self.eta(slow)
@@ -96,8 +97,6 @@ class Nesterov(_AbstractMomentum):
     """
 
     name: ClassVar[str] = "nesterov"
-    learning_rate: object = eqx.field(converter=as_hparam)
-    momentum: jax.Array = eqx.field(converter=as_hparam, default=0.9)
 
     def fast_map(self, phase, grad, slow, new_slow):
         eta, beta = self.eta(slow), self.momentum

@@ -31,6 +31,10 @@ class _AbstractRMSProp(AbstractOptimizer):
     scalar: ClassVar[bool]
     threshold_quantity: ClassVar[str] = "preconditioned sharpness"
 
+    learning_rate: object = eqx.field(converter=as_hparam)
+    decay: jax.Array = eqx.field(converter=as_hparam, default=0.9)
+    eps: jax.Array = eqx.field(converter=as_hparam, default=1e-8)
+
     def init_momentum(self, params):
         return None
 
@@ -68,9 +72,6 @@ class RMSProp(_AbstractRMSProp):
 
     name: ClassVar[str] = "rmsprop"
     scalar: ClassVar[bool] = False
-    learning_rate: object = eqx.field(converter=as_hparam)
-    decay: jax.Array = eqx.field(converter=as_hparam, default=0.9)
-    eps: jax.Array = eqx.field(converter=as_hparam, default=1e-8)
 
 
 class ScalarRMSProp(_AbstractRMSProp):
@@ -78,6 +79,3 @@ class ScalarRMSProp(_AbstractRMSProp):
 
     name: ClassVar[str] = "scalar_rmsprop"
     scalar: ClassVar[bool] = True
-    learning_rate: object = eqx.field(converter=as_hparam)
-    decay: jax.Array = eqx.field(converter=as_hparam, default=0.9)
-    eps: jax.Array = eqx.field(converter=as_hparam, default=1e-8)

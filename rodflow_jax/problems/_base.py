@@ -6,23 +6,14 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..optimizers import OPTIMIZERS
 from .._errors import InputError as InputError  # noqa: F401  (re-exported for the problem modules)
 
 PyTree = Any
 LossFn = Callable[[PyTree], Any]
 
 # The optimizers every registered problem has a default learning rate for.
-OPTIMIZER_NAMES: tuple[str, ...] = (
-    "gd",
-    "heavy_ball",
-    "nesterov",
-    "rmsprop",
-    "scalar_rmsprop",
-    "adam",
-    "scalar_adam",
-    "nadam",
-    "scalar_nadam",
-)
+OPTIMIZER_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)
 
 
 @dataclasses.dataclass(frozen=True)
