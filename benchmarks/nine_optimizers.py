@@ -77,8 +77,8 @@ def _fmt(x, f="{:.3g}"):
 
 def table(rows) -> str:
     head = ("| optimizer | K | EoS onset | stable err final / max | rod err final / max | ratio final / max "
-            "| rod failed | stable failed |")
-    lines = [head, "|" + "---|" * 8]
+            "| sharpness/threshold stable / rod | window log-loss error stable / rod | stable failed at |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         o = r["optimizer"]
         label = o["name"] + (f" (beta {o['momentum']:g})" if "momentum" in o else "")
@@ -88,7 +88,9 @@ def table(rows) -> str:
             f"| {_fmt(s['param_rel_error_final'])} / {_fmt(s['param_rel_error_max'])} "
             f"| {_fmt(d['param_rel_error_final'])} / {_fmt(d['param_rel_error_max'])} "
             f"| {_fmt(r['ratio_final'])} / {_fmt(r['ratio_max'])} "
-            f"| {_fmt(d['failed_at'], '{}') if d['failed'] else 'no'} | {_fmt(s['failed_at'], '{}') if s['failed'] else 'no'} |"
+            f"| {_fmt(s['sharpness_ratio_final'])} / {_fmt(d['sharpness_ratio_final'])} "
+            f"| {_fmt(s['loss_window_log_error'])} / {_fmt(d['loss_window_log_error'])} "
+            f"| {_fmt(s['failed_at'], '{}') if s['failed'] else '-'} |"
         )
     return "\n".join(lines)
 
@@ -115,8 +117,12 @@ def main():
     ap.add_argument("--optimizers", default=",".join(NAMES))
     ap.add_argument("--momentum", type=float, nargs="*", default=[0.5, 0.9])
     ap.add_argument("--starts", default="0,auto")
-    ap.add_argument("--out", default="benchmarks/results/nine_optimizers.json")
+    ap.add_argument("--out", default="benchmarks/results/nine_optimizers_mlp-digits.json")
+    ap.add_argument("--table-only", metavar="JSON", help="print the table of an earlier run and exit")
     args = ap.parse_args()
+    if args.table_only:
+        print(table(json.loads(Path(args.table_only).read_text())["rows"]))
+        return
     prob = rf.get_problem(args.problem)
     steps = args.steps or prob.default_steps
     rows = []
