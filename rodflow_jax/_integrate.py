@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from .flows import AbstractFlow, RodFlow, StableFlow
-from ._tree import tree_norm
 
 
 class SolverConfig(eqx.Module):

@@ -1,7 +1,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import rodflow_jax as rf
 from rodflow_jax._discrete import run_discrete

@@ -33,7 +33,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._tree import tree_add, tree_half_diff, tree_mean2, tree_sub
+from .._tree import tree_add, tree_half_diff, tree_mean2, tree_norm, tree_sub
 from ..optimizers import AbstractOptimizer, Phase, Slow
 from ._base import AbstractFlow, slow_scale
 
@@ -91,8 +91,6 @@ class RodFlow(AbstractFlow):
 
     def half_norm(self, y: RodState) -> jax.Array:
         """``|r|`` in parameter space: the predicted oscillation amplitude."""
-        from .._tree import tree_norm
-
         return tree_norm(y.half.params)
 
 
