@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
@@ -91,12 +92,18 @@ def _param_grid(n_params: int, num_steps: int, budget: float) -> np.ndarray:
     return np.arange(0, num_steps, every)
 
 
+@eqx.filter_jit
+def _probe_one(optimizer, loss_fn, params, slow, v0, *, k, method):
+    """One probe, compiled once per (loss, structure) and shared by discrete, stable and rod."""
+    return optimizer_sharpness(optimizer, loss_fn, params, slow, k, method, v0=v0)
+
+
 def _probe(optimizer, loss_fn, params, slows, idx, k, method, desc, progress):
     """Sharpness and threshold at rows ``idx`` of stacked ``params``/``slows``.
 
     Lanczos probes are warm-started from the previous probe's eigenvectors.
     """
-    f = eqx.filter_jit(lambda p, s, v0: optimizer_sharpness(optimizer, loss_fn, p, s, k, method, v0=v0))
+    f = functools.partial(_probe_one, optimizer, loss_fn, k=k, method=method)
     out = np.full((len(idx), k), np.nan)
     thr = np.full(len(idx), np.nan)
     it = idx
