@@ -23,7 +23,7 @@ from rodflow_jax.problems._quadratic import quadratic
 from conftest import ALL_OPTIMIZERS
 
 OPTIMIZER_NAMES = set(ALL_OPTIMIZERS)
-EXPECTED = {"quadratic", "toy", "mlp-digits", "mlp-digits-ce", "cnn-digits", "transformer-sort"}
+EXPECTED = {"quadratic", "toy", "deep-linear", "mlp-digits", "mlp-digits-ce", "cnn-digits", "transformer-sort"}
 
 
 def _flat(params):
@@ -78,6 +78,7 @@ def test_parameter_counts():
     counts = {name: _flat(get_problem(name).make(0)[1]).size for name in EXPECTED}
     assert counts["quadratic"] == 10
     assert counts["toy"] == 2
+    assert counts["deep-linear"] == 160
     assert counts["mlp-digits"] == counts["mlp-digits-ce"] == 2410
     assert counts["cnn-digits"] < 5000
     assert counts["transformer-sort"] < 5000
