@@ -59,7 +59,10 @@ class FlowRun(NamedTuple):
 
 
 @eqx.filter_jit
-def _solve(flow, y0, t0, t1, ts, param_ts, config: SolverConfig, max_steps: int, progress: bool):
+def _solve(flow, y0, t0, t1, ts, param_ts, config: SolverConfig, max_steps: int, progress: bool, event=None):
+    """One diffrax solve; ``event`` (optional ``diffrax.Event``) may stop it early (sweeps use
+    one to stop a blown-up configuration instead of letting it exhaust the step budget)."""
+
     def save_scalar(t, y, args):
         hn = flow.half_norm(y) if isinstance(flow, RodFlow) else jnp.zeros(())
         return flow.predicted_loss(y), hn
@@ -81,6 +84,7 @@ def _solve(flow, y0, t0, t1, ts, param_ts, config: SolverConfig, max_steps: int,
         stepsize_controller=diffrax.PIDController(rtol=config.rtol, atol=config.atol),
         max_steps=max_steps,
         throw=False,
+        event=event,
         progress_meter=diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter(),
     )
 

@@ -1,0 +1,176 @@
+r"""Hypergradients: derivatives of a scalar objective of a run with respect to hyperparameters.
+
+Three models, one objective:
+
+* ``"discrete"``: the unrolled optimizer, ``jax.grad`` through ``lax.scan`` (exact derivative
+  of the discrete run; at the edge of stability it is erratic, since the discrete dynamics are
+  chaotic there and the derivative of a long run grows like the product of step Jacobians);
+* ``"stable"`` and ``"rod"``: the flows, started from the discrete states at ``start_step``
+  (themselves differentiated through the first ``start_step + 1`` steps), integrated by diffrax
+  with ``RecursiveCheckpointAdjoint`` -- discretise-then-optimise: reverse-mode through the
+  solver's own steps with binomial checkpointing, so the gradient is the exact derivative of the
+  computed solution (no second ODE solve whose error could differ from the forward one).
+  ``BacksolveAdjoint`` (optimise-then-discretise) integrates the adjoint ODE backwards in time
+  and re-solves the state backwards too, which is unstable for the rod flow: the rod's
+  half-vector dynamics are expanding in directions that the backward solve must contract, and
+  its gradients would not match finite differences.
+
+Objectives: ``"final_loss"`` (``L(z_N)``, or the flow's predicted loss at ``t = N``),
+``"mean_loss_last:K"`` (mean over the last K integer steps ``N-K+1 .. N``, saved by
+``SaveAt(ts=...)`` for the flows), and ``"final_sharpness"`` (the top eigenvalue of the
+(preconditioned) Hessian at the final state: a dense ``eigh`` for up to
+``DENSE_MAX_PARAMS`` parameters, else a fixed number of Lanczos iterations -- both
+differentiable, the first exactly, the second to the accuracy of its convergence).
+
+Hyperparameters are the optimizer's array leaves; the optimizer is rebuilt from a dict of traced
+scalars with :func:`make_optimizer` (whose range checks skip tracers).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from ._errors import InputError
+from ._integrate import SolverConfig, _solve, default_solver
+from ._sharpness import optimizer_sharpness
+from ._sweep import _start_one
+from .flows import rod_flow, stable_flow
+from .optimizers import AbstractOptimizer, make_optimizer
+
+HG_MODELS = ("discrete", "stable", "rod")
+
+
+def parse_objective(objective: str, num_steps: int) -> tuple[str, int]:
+    """``"final_loss"`` -> ("final_loss", 1), ``"mean_loss_last:K"`` -> ("mean_loss", K), ..."""
+    if objective in ("final_loss", "final_sharpness"):
+        return objective, 1
+    head, _, k = objective.partition(":")
+    if head == "mean_loss_last":
+        try:
+            K = int(k)
+        except ValueError:
+            K = 0
+        if not 1 <= K <= num_steps:
+            raise InputError(f"objective mean_loss_last:K needs 1 <= K <= steps ({num_steps}), got {objective!r}")
+        return "mean_loss", K
+    raise InputError(f"unknown objective {objective!r}; choose final_loss, mean_loss_last:K or final_sharpness")
+
+
+def _discrete_losses(optimizer, loss_fn, params0, num_steps):
+    """``L(z_0 .. z_N)`` and the final ``(z_N, s_N)`` of the unrolled run."""
+    vg = jax.value_and_grad(loss_fn)
+
+    def body(st, _):
+        phase, slow = st
+        loss, g = vg(phase.params)
+        return optimizer.step(phase, slow, g), loss
+
+    (phase, slow), losses = jax.lax.scan(body, optimizer.init(params0), None, length=num_steps)
+    return jnp.append(losses, loss_fn(phase.params)), phase, slow
+
+
+def _flow_losses(kind, optimizer, loss_fn, params0, num_steps, start_step, config):
+    """Predicted losses at ``t = start_step .. N`` and the final centre and slow state."""
+    z0, s0, z1, s1 = _start_one(optimizer, loss_fn, params0, start_step)
+    if kind == "rod":
+        flow, y0 = rod_flow(optimizer, loss_fn, z0, s0, z1, s1)
+    else:
+        flow, y0 = stable_flow(optimizer, loss_fn, z0, s0, s1)
+    dtype = jax.tree.leaves(y0)[0].dtype
+    config = config or default_solver(flow, dtype)
+    ts = jnp.arange(start_step, num_steps + 1).astype(dtype)
+    max_steps = config.max_steps_per_step * max(num_steps - start_step, 1) + 16
+    sol = _solve(flow, y0, ts[0], ts[-1], ts, ts[-1:], config, max_steps, False)
+    (loss, _), (centre, slow) = sol.ys
+    return loss, jax.tree.map(lambda x: x[-1], centre), jax.tree.map(lambda x: x[-1], slow)
+
+
+def objective_fn(
+    loss_fn, num_steps: int, *, objective: str = "final_loss", model: str = "discrete", start_step: int = 0,
+    config: SolverConfig | None = None, sharpness_method: str = "auto",
+):
+    """``(optimizer, params0) -> objective value``: a pure, differentiable function."""
+    kind, K = parse_objective(objective, num_steps)
+    if model not in HG_MODELS:
+        raise InputError(f"unknown model {model!r}; choose from {', '.join(HG_MODELS)}")
+    if model != "discrete" and not 0 <= start_step <= num_steps - 2:
+        raise InputError(f"start step must lie in [0, steps - 2] = [0, {num_steps - 2}], got {start_step}")
+
+    def f(optimizer, params0):
+        if model == "discrete":
+            losses, phase, slow = _discrete_losses(optimizer, loss_fn, params0, num_steps)
+            params = phase.params
+        else:
+            losses, params, slow = _flow_losses(model, optimizer, loss_fn, params0, num_steps, start_step, config)
+        if kind == "final_loss":
+            return losses[-1]
+        if kind == "mean_loss":
+            return jnp.mean(losses[-K:])
+        return optimizer_sharpness(optimizer, loss_fn, params, slow, 1, sharpness_method, num_iter=60).eigenvalues[0]
+
+    return f
+
+
+def _with_hyperparameters(optimizer: AbstractOptimizer, values: dict[str, Any]) -> AbstractOptimizer:
+    hp = {**optimizer.hyperparameters(), **values}
+    return make_optimizer(optimizer.name, **hp)
+
+
+def hypergradient(
+    loss_fn,
+    params0,
+    optimizer: AbstractOptimizer,
+    num_steps: int,
+    *,
+    objective: str = "final_loss",
+    model: str = "discrete",
+    wrt: Sequence[str] = ("learning_rate",),
+    start_step: int = 0,
+    config: SolverConfig | None = None,
+    sharpness_method: str = "auto",
+) -> tuple[float, dict[str, Any]]:
+    """The objective's value and its derivatives ``{name: d objective / d name}``.
+
+    ``wrt`` names hyperparameters of ``optimizer`` (optax's names) and/or ``"params0"`` (the
+    derivative is then a pytree like ``params0``). See the module docstring for the models,
+    objectives and the adjoint.
+    """
+    wrt = list(wrt)
+    hp_all = optimizer.hyperparameters()
+    unknown = [w for w in wrt if w != "params0" and w not in hp_all]
+    if unknown or not wrt:
+        raise InputError(
+            f"cannot differentiate with respect to {', '.join(map(repr, unknown)) or 'nothing'}; "
+            f"optimizer '{optimizer.name}' has: {', '.join(hp_all)}, and params0"
+        )
+    if any(callable(hp_all[w]) for w in wrt if w != "params0"):
+        raise InputError("cannot differentiate with respect to a learning-rate schedule")
+    f = objective_fn(loss_fn, num_steps, objective=objective, model=model, start_step=start_step,
+                     config=config, sharpness_method=sharpness_method)
+    dtype = jnp.result_type(*jax.tree.leaves(params0))
+    x = {w: jnp.asarray(hp_all[w], dtype) for w in wrt if w != "params0"}
+
+    @eqx.filter_jit
+    def value_and_grad(x, p):
+        def g(x, p):
+            return f(_with_hyperparameters(optimizer, x), p)
+
+        return jax.value_and_grad(g, argnums=(0, 1) if "params0" in wrt else 0)(x, p)
+
+    value, grads = value_and_grad(x, params0)
+    if "params0" in wrt:
+        gx, gp = grads
+        out = {**{k: float(v) for k, v in gx.items()}, "params0": gp}
+    else:
+        out = {k: float(v) for k, v in grads.items()}
+    return float(value), {w: out[w] for w in wrt}
+
+
+def objective_value(loss_fn, params0, optimizer, num_steps, **kw) -> float:
+    """The objective alone (for finite differences), jitted."""
+    f = objective_fn(loss_fn, num_steps, **kw)
+    return float(eqx.filter_jit(f)(optimizer, params0))
