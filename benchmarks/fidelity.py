@@ -1,0 +1,316 @@
+"""Fidelity suite: rod flow vs stable flow for the nine optimizers on five problems.
+
+For every cell (problem x optimizer, at the problem's default hyperparameters, where the
+discrete run is at the edge of stability for most of its steps) the flows are started twice
+from the discrete state: at the default start step K (``rf.default_start_step``: 0 for GD and
+the RMSProps, ``ceil(10/(1-beta))`` past the momentum/bias-correction transient otherwise) and
+shortly before the edge (``K = onset - pre``). The flow recipe is the same in every cell.
+
+    python benchmarks/fidelity.py --out benchmarks/results/fidelity.json        # full grid
+    python benchmarks/fidelity.py --quick --out /tmp/fidelity_quick.json         # CI size
+    python benchmarks/fidelity.py --problems mlp-digits --optimizers gd,adam     # a subset
+
+Writes a JSON list (one object per cell and start) and prints the markdown table that the
+README shows; ``--figures DIR`` also draws one figure per optimizer family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+jax.config.update("jax_enable_x64", True)
+
+import rodflow_jax as rf  # noqa: E402
+from rodflow_jax._io import write_json  # noqa: E402
+
+PROBLEMS = ["toy", "deep-linear", "mlp-digits", "cnn-digits", "transformer-sort"]
+OPTIMIZERS = list(rf.OPTIMIZERS)
+QUICK = {
+    "problems": ["mlp-digits"],
+    "optimizers": ["gd", "heavy_ball", "rmsprop", "adam"],
+    "steps": 600,
+    "starts": ("pre_edge",),
+}
+FAMILIES = {
+    "gd": ["gd"],
+    "momentum": ["heavy_ball", "nesterov"],
+    "rmsprop": ["rmsprop", "scalar_rmsprop"],
+    "adam": ["adam", "scalar_adam", "nadam", "scalar_nadam"],
+}
+PRE_EDGE = 0.05  # the pre-edge start sits this fraction of the run before the onset
+
+
+def make_cell_optimizer(problem, name, overrides=None):
+    hp = {"learning_rate": problem.learning_rates[name], **problem.hyperparameters.get(name, {})}
+    hp.update(overrides or {})
+    return rf.make_optimizer(name, **hp), hp
+
+
+# Momentum 0.9 against the problems' defaults (tuned at 0.5): Nesterov's rate is scaled so that
+# its threshold (2+2b)/(eta(1+2b)) is unchanged; heavy ball at the same threshold diverges on
+# mlp-digits (step 180), so it keeps its rate (threshold 12.7 instead of 10).
+MOMENTUM_09_LR_FACTOR = {"heavy_ball": 1.0, "nesterov": 0.905}
+
+
+def momentum_overrides(problem, name, momentum):
+    if momentum is None or name not in MOMENTUM_09_LR_FACTOR:
+        return None
+    factor = MOMENTUM_09_LR_FACTOR[name] if momentum == 0.9 else 1.0
+    return {"momentum": momentum, "learning_rate": problem.learning_rates[name] * factor}
+
+
+def _window_mean(x, mask):
+    x = np.asarray(x, float)[mask]
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else None
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def oscillation_stats(loss_fn, params0, optimizer, num_steps, start):
+    """Period-2 purity and amplitude of the discrete oscillation from step ``start`` on.
+
+    With ``d_k = z_{k+1} - z_k``, the high-passed steps ``f_k = (2 d_k - d_{k-1} - d_{k+1})/4``
+    (gain 1 at period 2, 0 for the slow drift) give
+
+    - ``step_alternation = -mean cos(f_k, f_{k+1})``: 1 for a period-2 oscillation,
+      ``-cos(omega)`` at frequency ``omega``, about 0 for the period-4 rotations of underdamped
+      momentum modes, which a rod (two points) cannot describe;
+    - ``alternating_amplitude = mean |z_{k+1} - 2 z_k + z_{k-1}| / 4`` over the second half: the
+      half-width of a period-2 oscillation with the drift removed (the half-step
+      ``|z_{k+1} - z_k|/2`` also counts the drift, which dominates for the adaptive methods).
+    """
+    run = rf.run_discrete(optimizer, loss_fn, params0, num_steps)
+    flat = np.concatenate([np.asarray(x).reshape(num_steps + 1, -1) for x in jax.tree.leaves(run.params)], 1)
+    with np.errstate(all="ignore"):
+        d = np.diff(flat[start:], axis=0)
+        f = (2 * d[1:-1] - d[:-2] - d[2:]) / 4
+        cos = np.sum(f[:-1] * f[1:], 1) / (np.linalg.norm(f[:-1], axis=1) * np.linalg.norm(f[1:], axis=1))
+        second = np.linalg.norm(np.diff(flat, 2, axis=0), axis=1) / 4  # centred on steps 1..N-1
+    cos = cos[np.isfinite(cos)]
+    late = np.arange(1, num_steps) >= start + (num_steps - start) // 2
+    return {
+        "step_alternation": float(-cos.mean()) if cos.size else None,
+        "discrete_alternating_amplitude": _window_mean(second, late),
+    }
+
+
+def summarise(problem, name, hp, cmp, start_kind, wall, osc):
+    """One JSON row from a :class:`rf.Comparison`."""
+    m, t = cmp.metrics, cmp.trajectories
+    K, N = m["start_step"], m["num_steps"]
+    steps = t["step"]
+    onset = m["eos_onset_step"]
+    ratio_d = t["discrete_sharpness"][:, 0] / t["discrete_threshold"]
+    at_edge = t["discrete_sharpness_step"] >= (onset if onset is not None else N + 1)
+    late = (steps >= K + (N - K) // 2) & (steps < N)
+    ref = t["discrete_avg_loss"]
+    row = {
+        "problem": problem.name,
+        "optimizer": name,
+        "hyperparameters": hp,
+        "num_steps": N,
+        "start": start_kind,
+        "start_step": K,
+        "eos_onset_step": onset,
+        "eos_fraction": m["eos_fraction"],
+        "discrete_sharpness_ratio": _window_mean(ratio_d, at_edge),
+        "discrete_diverged_at": m["discrete"]["diverged_at"],
+        "discrete_amplitude": _window_mean(t["discrete_half_norm"], late),
+        "wall_s": round(wall, 1),
+    }
+    span = (steps >= K) & (steps < N)
+    ref_mean = _window_mean(ref, span & np.isfinite(ref))
+    for flow in ("stable", "rod"):
+        e = m.get(flow, {})
+        row[f"{flow}_error_final"] = e.get("param_rel_error_final")
+        row[f"{flow}_error_max"] = e.get("param_rel_error_max")
+        row[f"{flow}_loss_error"] = e.get("loss_rel_error_mean")
+        row[f"{flow}_loss_window_log_error"] = e.get("loss_window_log_error")
+        pred = t.get(f"{flow}_loss")
+        ok = span & np.isfinite(ref) & (np.isfinite(pred) if pred is not None else False)
+        pm, rm = _window_mean(pred, ok) if pred is not None else None, _window_mean(ref, ok)
+        row[f"{flow}_mean_loss_error"] = abs(pm - rm) / rm if pm is not None and rm else None
+        row[f"{flow}_sharpness_ratio"] = e.get("sharpness_ratio_final")
+        row[f"{flow}_failed_at"] = e.get("failed_at") if e.get("failed") else None
+        row[f"{flow}_message"] = e.get("message") or None
+        row[f"{flow}_solver_steps"] = e.get("solver_steps")
+    row["discrete_mean_loss"] = ref_mean
+    row["rod_amplitude"] = _window_mean(t.get("rod_half_norm", np.full_like(ref, np.nan)), late)
+    row["amplitude_ratio"] = _ratio(row["rod_amplitude"], row["discrete_amplitude"])
+    for k, v in osc.items():
+        row[k] = v
+    row["alternating_amplitude_ratio"] = _ratio(row["rod_amplitude"], osc["discrete_alternating_amplitude"])
+    row["error_ratio_final"] = _ratio(row["stable_error_final"], row["rod_error_final"])
+    row["error_ratio_max"] = _ratio(row["stable_error_max"], row["rod_error_max"])
+    return row
+
+
+def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "pre_edge"), models=("discrete", "stable", "rod"), progress=False):
+    """Rows for one cell, one per start: ``default`` (``rf.default_start_step``) and
+    ``pre_edge`` (``PRE_EDGE * steps`` before the discrete onset; skipped where it would not
+    come after the default start). Returns ``(rows, {start: Comparison})``."""
+    loss_fn, params0 = problem.make(0)
+    opt, hp = make_cell_optimizer(problem, name, overrides)
+    steps = steps or problem.default_steps
+    kw = dict(probe_every=max(1, steps // 50), progress=progress)
+    K0 = rf.default_start_step(opt)
+    cmps, walls = {}, {}
+    t = time.perf_counter()
+    first = rf.compare(loss_fn, params0, opt, steps, start_step=K0, models=models if "default" in starts else ["discrete"], **kw)
+    if "default" in starts:
+        cmps["default"], walls["default"] = first, time.perf_counter() - t
+    onset = first.metrics["eos_onset_step"]
+    if "pre_edge" in starts and onset is not None:
+        K = max(K0, onset - int(math.ceil(PRE_EDGE * steps)))
+        if (K > K0 or "default" not in starts) and K <= steps - 2:
+            t = time.perf_counter()
+            cmps["pre_edge"] = rf.compare(loss_fn, params0, opt, steps, start_step=K, models=models, **kw)
+            walls["pre_edge"] = time.perf_counter() - t
+    osc = oscillation_stats(loss_fn, params0, opt, steps, onset if onset is not None else K0)
+    rows = [summarise(problem, name, hp, c, kind, walls[kind], osc) for kind, c in cmps.items()]
+    return rows, cmps
+
+
+def _fmt(x, spec=".3g"):
+    return "-" if x is None else format(x, spec)
+
+
+def markdown_table(rows) -> str:
+    head = (
+        "| problem | optimizer | start K | onset | at edge | stable err | rod err | ratio final | ratio max "
+        "| mean-loss err stable / rod | sharpness/thr disc / stable / rod | rod |r| / disc half-step, alternating | period-2 purity |"
+    )
+    lines = [head, "|" + "---|" * (len(head.replace("|r|", "r").split("|")) - 2)]
+    for r in rows:
+        stable_err = _fmt(r["stable_error_final"])
+        if r["stable_failed_at"] is not None:
+            stable_err += f" (failed @{r['stable_failed_at']})"
+        lines.append(
+            "| {problem} | {optimizer} | {K} ({kind}) | {onset} | {frac} | {se} | {re} | {rf} | {rm} | {ls} / {lr} | {sd} / {ss} / {sr} | {amp} | {alt} |".format(
+                problem=r["problem"], optimizer=r["optimizer"], K=r["start_step"], kind=r["start"],
+                onset=_fmt(r["eos_onset_step"], "d") if r["eos_onset_step"] is not None else "-",
+                frac=_fmt(r["eos_fraction"], ".2f"), se=stable_err, re=_fmt(r["rod_error_final"]),
+                rf=_fmt(r["error_ratio_final"], ".1f"), rm=_fmt(r["error_ratio_max"], ".1f"),
+                ls=_fmt(r["stable_mean_loss_error"], ".2f"), lr=_fmt(r["rod_mean_loss_error"], ".2f"),
+                sd=_fmt(r["discrete_sharpness_ratio"], ".2f"), ss=_fmt(r["stable_sharpness_ratio"], ".2f"),
+                sr=_fmt(r["rod_sharpness_ratio"], ".2f"), amp=_fmt(r["amplitude_ratio"], ".2f") + ", " + _fmt(r["alternating_amplitude_ratio"], ".2f"),
+                alt=_fmt(r["step_alternation"], ".2f"),
+            )
+        )
+    return "\n".join(lines)
+
+
+def plot_family(family, results, out_path, problem_name=""):
+    """Loss, sharpness/threshold and parameter error over steps for one optimizer family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in FAMILIES[family] if n in results]
+    if not names:
+        return
+    fig, axes = plt.subplots(3, len(names), figsize=(4.2 * len(names), 8.5), squeeze=False)
+    colours = {"discrete": "0.3", "stable": "tab:blue", "rod": "tab:red"}
+    for j, name in enumerate(names):
+        t = results[name].trajectories
+        K = results[name].metrics["start_step"]
+        ax = axes[0, j]
+        ax.plot(t["step"], t["discrete_avg_loss"], color=colours["discrete"], lw=0.8, label="discrete (L_k+L_k+1)/2")
+        for f in ("stable", "rod"):
+            if f"{f}_loss" in t:
+                ax.plot(t["step"], t[f"{f}_loss"], color=colours[f], lw=1.2, label=f)
+        ax.set_yscale("log")
+        ax.set_title(f"{name} (K={K})")
+        ax.set_ylabel("loss")
+        ax = axes[1, j]
+        for f in ("discrete", "stable", "rod"):
+            if f"{f}_sharpness" in t:
+                ax.plot(t[f"{f}_sharpness_step"], t[f"{f}_sharpness"][:, 0] / t[f"{f}_threshold"], color=colours[f], lw=1.2, label=f)
+        ax.axhline(1.0, color="k", ls=":", lw=0.8)
+        ax.set_ylabel("sharpness / threshold")
+        ax.set_yscale("log")
+        ax = axes[2, j]
+        for f in ("stable", "rod"):
+            if f"{f}_param_error" in t:
+                e = t[f"{f}_param_error"]
+                ok = np.isfinite(e)
+                ax.plot(t["step"][ok], e[ok], color=colours[f], lw=1.2, label=f)
+        ax.set_yscale("log")
+        ax.set_ylabel("rel. parameter error")
+        ax.set_xlabel("step")
+    axes[0, 0].legend(fontsize=8)
+    axes[2, 0].legend(fontsize=8)
+    fig.suptitle(f"{family}: discrete vs stable flow vs rod flow ({problem_name})")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="CI size: %s" % QUICK)
+    ap.add_argument("--problems", default=None, help="comma list (default: all five)")
+    ap.add_argument("--optimizers", default=None, help="comma list (default: all nine)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per cell (default: the problem's)")
+    ap.add_argument("--out", default=None, help="JSON file for the rows")
+    ap.add_argument("--figures", default=None, help="folder for one PNG per optimizer family")
+    ap.add_argument("--figure-problem", default="mlp-digits")
+    ap.add_argument("--starts", default=None, help="comma list of default,pre_edge (default: both)")
+    ap.add_argument("--models", default="discrete,stable,rod")
+    ap.add_argument("--momentum", type=float, default=None, help="override heavy ball/Nesterov momentum (e.g. 0.9)")
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args(argv)
+    problems = QUICK["problems"] if args.quick else PROBLEMS
+    optimizers = QUICK["optimizers"] if args.quick else OPTIMIZERS
+    steps = args.steps or (QUICK["steps"] if args.quick else None)
+    if args.problems:
+        problems = args.problems.split(",")
+    if args.optimizers:
+        optimizers = args.optimizers.split(",")
+    starts = tuple(args.starts.split(",")) if args.starts else (QUICK["starts"] if args.quick else ("default", "pre_edge"))
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), {platform.processor() or platform.machine()}", flush=True)
+    rows, for_figures = [], {}
+    t_all = time.perf_counter()
+    for pname in problems:
+        problem = rf.get_problem(pname)
+        for name in optimizers:
+            t = time.perf_counter()
+            overrides = momentum_overrides(problem, name, args.momentum)
+            cell_rows, cmps = run_cell(
+                problem, name, steps, overrides=overrides, starts=starts, models=args.models.split(","), progress=args.progress
+            )
+            rows.extend(cell_rows)
+            if pname == args.figure_problem and cmps:
+                for_figures[name] = next(iter(cmps.values()))
+            for r in cell_rows:
+                print(
+                    f"{pname:16s} {name:15s} K={r['start_step']:4d} onset={r['eos_onset_step']} "
+                    f"stable={_fmt(r['stable_error_final'])} rod={_fmt(r['rod_error_final'])} "
+                    f"ratio={_fmt(r['error_ratio_final'], '.1f')} ({time.perf_counter() - t:.0f} s)",
+                    flush=True,
+                )
+            if args.out:  # written after every cell, so a long run leaves its partial results
+                write_json(Path(args.out), rows)
+    print(f"\ntotal {time.perf_counter() - t_all:.0f} s\n")
+    print(markdown_table(rows))
+    if args.figures:
+        Path(args.figures).mkdir(parents=True, exist_ok=True)
+        for family in FAMILIES:
+            plot_family(family, for_figures, Path(args.figures) / f"fidelity_{family}.png", args.figure_problem)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
