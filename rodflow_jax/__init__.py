@@ -17,6 +17,7 @@ from ._sharpness import (
     top_eigenvalues as top_eigenvalues,
 )
 from .flows import RodFlow as RodFlow, StableFlow as StableFlow, rod_flow as rod_flow, stable_flow as stable_flow
+from .flows import CentralFlow as CentralFlow, central_flow as central_flow
 from .optimizers import (
     GD as GD,
     OPTIMIZERS as OPTIMIZERS,
@@ -36,3 +37,5 @@ from .optimizers import (
 from .problems import PROBLEMS as PROBLEMS, get_problem as get_problem, load_user_problem as load_user_problem
 
 __version__ = "0.1.0"
+from ._hypergrad import hypergradient as hypergradient
+from ._sweep import SweepResult as SweepResult, sweep as sweep

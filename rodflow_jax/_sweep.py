@@ -81,11 +81,16 @@ def _resolve_problem(problem, optimizer_name):
 def _seed_problems(make: Callable, seeds: Sequence[int]):
     """The loss function of the first seed and the stacked initial parameters of all seeds."""
     loss_fn, p0 = make(seeds[0])
-    params = [p0] + [make(s)[1] for s in seeds[1:]]
-    structure = jax.tree.structure(p0)
-    for s, p in zip(seeds, params):
+    params, structure = [p0], jax.tree.structure(p0)
+    for s in seeds[1:]:
+        loss_s, p = make(s)
         if jax.tree.structure(p) != structure:
             raise InputError(f"seed {s} gives parameters with a different structure from seed {seeds[0]}")
+        a, b = float(loss_fn(p)), float(loss_s(p))
+        if not np.isclose(a, b, rtol=1e-6, atol=0.0):  # one loss_fn serves every seed
+            raise InputError(f"the loss of make({s}) differs from that of make({seeds[0]}) ({b:g} vs {a:g}): "
+                             "a sweep needs data that do not depend on the seed")
+        params.append(p)
     check_problem(loss_fn, p0)
     return loss_fn, params
 
@@ -463,6 +468,8 @@ def values_from_range(text: str, flag: str = "value") -> list[float]:
         if not vals:
             raise ValueError
         return vals
+    except InputError:
+        raise
     except ValueError:
         raise InputError(f"{flag} must be A:B:N[:log] or a comma list of numbers, got {text!r}") from None
 

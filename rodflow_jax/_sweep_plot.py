@@ -1,0 +1,61 @@
+"""PNG figures of a sweep: final loss and sharpness/threshold against a hyperparameter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ._plot import COLORS, _plt
+
+
+def _x_name(records) -> str:
+    """The swept hyperparameter on the x axis: the one with the most distinct values."""
+    names = list(records[0]["hyperparameters"])
+    return max(names, key=lambda n: len({r["hyperparameters"][n] for r in records}))
+
+
+def _band(records, model, key, x_name):
+    """x values, and the median/min/max over seeds (and any other hyperparameters) of ``key``."""
+    xs = sorted({r["hyperparameters"][x_name] for r in records})
+    med, lo, hi = [], [], []
+    for x in xs:
+        v = [r.get(model, {}).get(key) for r in records if r["hyperparameters"][x_name] == x]
+        v = np.asarray([np.nan if e is None else e for e in v], float)
+        ok = v[np.isfinite(v)]
+        med.append(np.median(ok) if ok.size else np.nan)
+        lo.append(ok.min() if ok.size else np.nan)
+        hi.append(ok.max() if ok.size else np.nan)
+    return np.asarray(xs), np.asarray(med), np.asarray(lo), np.asarray(hi)
+
+
+def plot_sweep(records, out_dir) -> list[Path]:
+    """``sweep_loss.png`` and ``sweep_sharpness.png``: one curve per model, seeds as bands."""
+    plt = _plt()
+    out_dir = Path(out_dir)
+    x_name = _x_name(records)
+    models = [m for m in ("discrete", "stable", "rod") if m in records[0]]
+    written = []
+    for key, fname, ylabel, log in (
+        ("final_loss", "sweep_loss.png", "final loss", True),
+        ("sharpness_ratio_final", "sweep_sharpness.png", "sharpness / threshold (final)", False),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m in models:
+            xs, med, lo, hi = _band(records, m, key, x_name)
+            ax.plot(xs, med, "o-", ms=3, color=COLORS[m], label=m)
+            ax.fill_between(xs, lo, hi, color=COLORS[m], alpha=0.2, lw=0)
+        if key == "sharpness_ratio_final":
+            ax.axhline(1.0, color="k", lw=0.6, ls="--")
+        if log and np.all(np.asarray([r["hyperparameters"][x_name] for r in records]) > 0):
+            ax.set_xscale("log")
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel(x_name)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=120)
+        plt.close(fig)
+        written.append(out_dir / fname)
+    return written

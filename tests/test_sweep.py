@@ -1,0 +1,166 @@
+"""Sweeps: vmapped == solo runs, divergence isolated, sharded == unsharded, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny_mlp
+
+from rodflow_jax import integrate, make_optimizer, rod_flow, run_discrete, sweep
+from rodflow_jax.cli import main
+
+LRS = [0.3, 1.0, 60.0]  # below the edge, at the edge, diverging
+SEEDS = [0, 1]
+STEPS = 40
+
+
+def make(seed):
+    """Fixed data (seed 0's), seed-dependent initialisation."""
+    return tiny_mlp(0)[0], tiny_mlp(seed)[1]
+
+
+@pytest.fixture(scope="module")
+def result():
+    return sweep(make, "gd", {"learning_rate": LRS}, SEEDS, STEPS, models=("discrete", "rod"), probe_every=10)
+
+
+def _solo(lr, seed):
+    loss_fn, p0 = make(seed)
+    opt = make_optimizer("gd", learning_rate=lr)
+    run = run_discrete(opt, loss_fn, p0, STEPS)
+    z0, s0 = run.state_at(0)
+    z1, s1 = run.state_at(1)
+    flow, y0 = rod_flow(opt, loss_fn, z0, s0, z1, s1)
+    return run, integrate(flow, y0, 0, STEPS)
+
+
+def test_records_have_the_documented_keys(result):
+    assert len(result.records) == len(LRS) * len(SEEDS)
+    rec = result.records[0]
+    assert rec["hyperparameters"] == {"learning_rate": 0.3} and rec["seed"] == 0
+    for key in ("final_loss", "mean_loss", "eos_onset_step", "sharpness_final", "sharpness_ratio_final", "diverged"):
+        assert key in rec["discrete"]
+    for key in ("final_loss", "mean_loss", "param_rel_error_final", "param_rel_error_max", "failed"):
+        assert key in rec["rod"]
+    assert rec["discrete"]["sharpness_ratio_final"] < 1  # below the edge
+    at_edge = result.records[2]
+    assert at_edge["discrete"]["sharpness_ratio_final"] > 0.9
+
+
+def test_vmapped_sweep_equals_solo_runs(result):
+    for i, rec in enumerate(result.records):
+        lr, seed = rec["hyperparameters"]["learning_rate"], rec["seed"]
+        if lr > 10:
+            continue
+        run, fr = _solo(lr, seed)
+        np.testing.assert_allclose(result.arrays["discrete_loss"][i], run.loss, rtol=1e-10)
+        np.testing.assert_allclose(result.arrays["rod_loss"][i], fr.loss, rtol=1e-8)
+        assert not rec["discrete"]["diverged"] and not rec["rod"]["failed"]
+
+
+def test_diverging_configuration_is_recorded_and_isolated(result):
+    for i, rec in enumerate(result.records):
+        if rec["hyperparameters"]["learning_rate"] < 10:
+            assert np.all(np.isfinite(result.arrays["discrete_loss"][i]))
+            continue
+        assert rec["discrete"]["diverged"] and rec["discrete"]["diverged_at"] is not None
+        assert rec["discrete"]["final_loss"] is None
+        assert rec["rod"]["failed"]
+
+
+SHARDED = textwrap.dedent(
+    """
+    import jax, numpy as np, sys
+    jax.config.update("jax_enable_x64", True)
+    sys.path.insert(0, {tests!r})
+    from helpers import tiny_mlp
+    from rodflow_jax import sweep
+    make = lambda seed: (tiny_mlp(0)[0], tiny_mlp(seed)[1])
+    assert len(jax.devices()) == 4, jax.devices()
+    kw = dict(models=("discrete", "rod"), probe_every=10)
+    grid = {{"learning_rate": [0.3, 0.7, 1.0]}}  # 6 configurations, padded to 8
+    a = sweep(make, "gd", grid, [0, 1], 20, devices="all", **kw)
+    b = sweep(make, "gd", grid, [0, 1], 20, devices=None, **kw)
+    for k in a.arrays:
+        np.testing.assert_allclose(a.arrays[k], b.arrays[k], rtol=1e-10, atol=1e-14)
+    assert a.info["devices"] == 4 and len(a.records) == 6
+    for ra, rb in zip(a.records, b.records):
+        assert ra["hyperparameters"] == rb["hyperparameters"] and ra["seed"] == rb["seed"]
+        for m in ("discrete", "rod"):
+            for key, va in ra[m].items():
+                vb = rb[m][key]
+                assert (va is None and vb is None) or np.isclose(va, vb, rtol=1e-9), (m, key, va, vb)
+    print("SHARDED_OK")
+    """
+)
+
+
+def test_sharded_equals_unsharded(tmp_path):
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert "SHARDED_OK" in out.stdout, out.stderr[-3000:]
+
+
+USER = """
+import jax, jax.numpy as jnp
+
+def make(seed):
+    w = 0.1 * jax.random.normal(jax.random.PRNGKey(seed), (2,))
+    def loss(p):
+        return 0.5 * jnp.sum(p["w"] ** 2 * jnp.array([1.0, 30.0])) + 0.25 * jnp.sum(p["w"] ** 4)
+    return loss, {"w": w + jnp.array([1.0, 0.0])}
+"""
+
+
+def test_cli_sweep_writes_json_and_figures(tmp_path):
+    f = tmp_path / "prob.py"
+    f.write_text(USER)
+    out = tmp_path / "sw"
+    rc = main(["sweep", "--problem", f"{f}:make", "--optimizer", "gd", "--learning-rate", "0.01:0.06:3",
+               "--seeds", "2", "--models", "discrete,rod", "--steps", "30", "--float64", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    recs = json.loads((out / "sweep.json").read_text())
+    assert len(recs) == 6 and set(recs[0]) == {"hyperparameters", "seed", "discrete", "rod"}
+    assert recs[0]["hyperparameters"]["learning_rate"] == pytest.approx(0.01)
+    assert (out / "sweep_loss.png").exists() and (out / "sweep_sharpness.png").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--learning-rate", "0.1:0.2"], "A:B:N"),
+        (["--learning-rate", "0.1,0.2", "--b1", "0.9"], "takes no hyperparameter 'b1'"),
+        (["--learning-rate=-0.1,0.2"], "learning_rate must be a positive"),
+        (["--learning-rate", "0:1:3:log"], "log range"),
+        (["--learning-rate", "0.1", "--seeds", "x"], "--seeds"),
+    ],
+)
+def test_cli_sweep_bad_input_is_one_line(flags, match, capsys):
+    rc = main(["sweep", "--problem", "quadratic", "--optimizer", "gd", "--steps", "10", *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and err.count("\n") == 1 and err.startswith("rodflow: error:")
+
+
+def test_seed_dependent_data_is_refused():
+    from rodflow_jax import InputError
+
+    with pytest.raises(InputError, match="do not depend on the seed"):
+        sweep(tiny_mlp, "gd", {"learning_rate": [0.1]}, [0, 1], 5)
+
+
+def test_values_from_range():
+    from rodflow_jax._sweep import values_from_range
+
+    assert values_from_range("1:3:3") == [1.0, 2.0, 3.0]
+    assert np.allclose(values_from_range("0.01:1:3:log"), [0.01, 0.1, 1.0])
+    assert values_from_range("0.5,0.7") == [0.5, 0.7]
+    assert jnp.asarray(values_from_range("2")).shape == (1,)
