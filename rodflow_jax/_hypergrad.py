@@ -28,6 +28,7 @@ scalars with :func:`make_optimizer` (whose range checks skip tracers).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import equinox as eqx
@@ -89,11 +90,15 @@ def _flow_losses(kind, optimizer, loss_fn, params0, num_steps, start_step, confi
     return loss, jax.tree.map(lambda x: x[-1], centre), jax.tree.map(lambda x: x[-1], slow)
 
 
+@functools.lru_cache(maxsize=32)
 def objective_fn(
     loss_fn, num_steps: int, *, objective: str = "final_loss", model: str = "discrete", start_step: int = 0,
     config: SolverConfig | None = None, sharpness_method: str = "auto",
 ):
-    """``(optimizer, params0) -> objective value``: a pure, differentiable function."""
+    """``(optimizer, params0) -> objective value``: a pure, differentiable function.
+
+    Cached on its (hashable) arguments, so repeated hypergradients of one problem compile once.
+    """
     kind, K = parse_objective(objective, num_steps)
     if model not in HG_MODELS:
         raise InputError(f"unknown model {model!r}; choose from {', '.join(HG_MODELS)}")
@@ -113,6 +118,14 @@ def objective_fn(
         return optimizer_sharpness(optimizer, loss_fn, params, slow, 1, sharpness_method, num_iter=60).eigenvalues[0]
 
     return f
+
+
+@eqx.filter_jit
+def _value_and_grad(f, optimizer, x, params0, with_params: bool):
+    def g(x, p):
+        return f(_with_hyperparameters(optimizer, x), p)
+
+    return jax.value_and_grad(g, argnums=(0, 1) if with_params else 0)(x, params0)
 
 
 def _with_hyperparameters(optimizer: AbstractOptimizer, values: dict[str, Any]) -> AbstractOptimizer:
@@ -153,15 +166,7 @@ def hypergradient(
                      config=config, sharpness_method=sharpness_method)
     dtype = jnp.result_type(*jax.tree.leaves(params0))
     x = {w: jnp.asarray(hp_all[w], dtype) for w in wrt if w != "params0"}
-
-    @eqx.filter_jit
-    def value_and_grad(x, p):
-        def g(x, p):
-            return f(_with_hyperparameters(optimizer, x), p)
-
-        return jax.value_and_grad(g, argnums=(0, 1) if "params0" in wrt else 0)(x, p)
-
-    value, grads = value_and_grad(x, params0)
+    value, grads = _value_and_grad(f, optimizer, x, params0, "params0" in wrt)
     if "params0" in wrt:
         gx, gp = grads
         out = {**{k: float(v) for k, v in gx.items()}, "params0": gp}

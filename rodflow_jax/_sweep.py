@@ -262,6 +262,20 @@ class SweepResult:
         return Path(out_dir)
 
 
+def prepare_batch(make, optimizer_name, grid, seeds, fixed):
+    """``(configs, optimizers, loss_fn, stacked optimizer, stacked params0, fixed hyperparameters)``."""
+    configs = configurations(grid, seeds)
+    valid = set(hyperparameter_names(optimizer_name))
+    base = {k: v for k, v in fixed.items() if k in valid and v is not None}
+    opts = [make_optimizer(optimizer_name, **{**base, **hp}) for hp, _ in configs]  # validates each
+    loss_fn, seed_params = _seed_problems(make, seeds)
+    by_seed = dict(zip(seeds, seed_params))
+    dtype = jnp.result_type(*jax.tree.leaves(seed_params[0]))
+    optimizer = jax.tree.map(lambda x: x.astype(dtype), stack(opts))
+    params = stack([by_seed[s] for _, s in configs])
+    return configs, opts, loss_fn, optimizer, params, base
+
+
 def _validate(optimizer_name, grid, fixed, models, num_steps):
     valid = hyperparameter_names(optimizer_name)
     unknown = sorted((set(grid) | set(fixed)) - set(valid))
@@ -347,16 +361,8 @@ def sweep(
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise InputError("at least one seed is needed")
-    configs = configurations(grid, seeds)
-    valid = set(hyperparameter_names(optimizer_name))
-    base = {k: v for k, v in defaults.items() if k in valid and v is not None}
-    base.update(fixed)
-    opts = [make_optimizer(optimizer_name, **{**base, **hp}) for hp, _ in configs]  # validates each
-    loss_fn, seed_params = _seed_problems(make, seeds)
-    by_seed = dict(zip(seeds, seed_params))
-    dtype = jnp.result_type(*jax.tree.leaves(seed_params[0]))
-    optimizer = jax.tree.map(lambda x: x.astype(dtype), stack(opts))
-    params = stack([by_seed[s] for _, s in configs])
+    batch = prepare_batch(make, optimizer_name, grid, seeds, {**defaults, **fixed})
+    configs, opts, loss_fn, optimizer, params, base = batch
     B = len(configs)
     K = max(default_start_step(o) for o in opts) if start_step == "auto" else int(start_step)
     if not 0 <= K <= num_steps - 2:
@@ -377,9 +383,7 @@ def sweep(
         if kind not in models:
             continue
         _say(progress, f"sweep: {kind} flows, {B} configurations in one vmapped diffeqsolve")
-        mid0 = _mid0(optimizer, loss_fn, params, K)
-        out = _flow_batch(kind, optimizer, loss_fn, params, disc["mids"][:, in_flow], mid0, K, num_steps,
-                          flow_grid, probe_iter)
+        out = run_flow_batch(kind, optimizer, loss_fn, params, disc, K, num_steps, probe_iter)
         flows[kind] = [np.asarray(x)[:B] for x in out]
         arrays[f"{kind}_loss"] = flows[kind][0]
     records = _records(configs, disc, flows, B, K, num_steps, flow_grid, models)
@@ -399,8 +403,16 @@ def _mid0_jit(optimizer, loss_fn, params, K):
     return jax.vmap(one)(optimizer, params)
 
 
-def _mid0(optimizer, loss_fn, params, K):
-    return _mid0_jit(optimizer, loss_fn, params, K)
+def run_flow_batch(kind, optimizer, loss_fn, params, disc, K, num_steps, probe_iter):
+    """The vmapped ``kind`` flows from step K, compared with the discrete batch ``disc`` on its grid.
+
+    Returns ``(loss (B, N-K+1), sharpness, threshold, param_rel_error (B, G), ok (B,), solver steps (B,))``.
+    """
+    grid_steps = disc["probe_steps"] - 1
+    in_flow = grid_steps >= K
+    mid0 = _mid0_jit(optimizer, loss_fn, params, K)
+    return _flow_batch(kind, optimizer, loss_fn, params, disc["mids"][:, in_flow], mid0, K, num_steps,
+                       grid_steps[in_flow], probe_iter)
 
 
 def _mean_last(x, steps, num_steps):
