@@ -1,4 +1,4 @@
-"""Discrete optimizer, stable flow and rod flow from one state, side by side."""
+"""Discrete optimizer, stable flow, rod flow and central flow from one state, side by side."""
 
 from __future__ import annotations
 
@@ -19,11 +19,13 @@ from ._discrete import DiscreteRun, run_discrete
 from ._errors import InputError
 from ._integrate import FlowRun, SolverConfig, integrate
 from ._sharpness import optimizer_sharpness
-from .flows import rod_flow, stable_flow
+from .flows import central_flow, rod_flow, stable_flow
+from .flows._central import check_supported, variance_trajectory
 from .optimizers import AbstractOptimizer, describe
 
-MODELS = ("discrete", "stable", "rod")
-FLOWS = ("stable", "rod")
+MODELS = ("discrete", "stable", "rod", "central")
+FLOWS = ("stable", "rod", "central")
+DEFAULT_MODELS = ("discrete", "stable", "rod")  # central costs Hessian eigenvectors: ask for it
 
 
 def default_start_step(optimizer: AbstractOptimizer) -> int:
@@ -137,7 +139,7 @@ def compare(
     num_steps: int,
     *,
     start_step: int | str = "auto",
-    models: Sequence[str] = MODELS,
+    models: Sequence[str] = DEFAULT_MODELS,
     probe_every: int | None = None,
     top_k: int = 1,
     sharpness_method: str = "auto",
@@ -162,6 +164,8 @@ def compare(
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise InputError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    if "central" in models:
+        check_supported(optimizer)
     K = default_start_step(optimizer) if start_step == "auto" else int(start_step)
     if num_steps < 2:
         raise InputError(f"steps must be at least 2, got {num_steps}")
@@ -196,6 +200,7 @@ def compare(
     with np.errstate(all="ignore"):  # a diverged run has inf/NaN rows: they stay NaN here
         half = np.stack([0.5 * np.linalg.norm(P[pos[k + 1]] - P[pos[k]]) for k in grid])
     mid_K = 0.5 * (P[pos[K]] + P[pos[K + 1]])
+    disc_var = M.moving_average(half**2)  # smoothed ||r_k||^2 = ||(z_{k+1} - z_k)/2||^2 on the grid
 
     # discrete sharpness
     probe_idx = [pos[int(k)] for k in grid if k % probe_every == 0]
@@ -237,6 +242,8 @@ def compare(
     for name in flows:
         if name == "rod":
             flow, y0 = rod_flow(optimizer, loss_fn, z0, s0, z1, s1, exact_slow_feed=exact_slow_feed)
+        elif name == "central":
+            flow, y0 = central_flow(optimizer, loss_fn, z0, s0, s1)
         else:
             flow, y0 = stable_flow(optimizer, loss_fn, z0, s0, s1)
         config = (solver or {}).get(name)
@@ -275,10 +282,23 @@ def compare(
             hn = np.full(num_steps + 1, np.nan)
             hn[fr.steps] = fr.half_norm
             traj["rod_half_norm"] = hn
+            entry["variance_window_log_error"] = M.windowed_log_loss_error(hn[flow_grid] ** 2, disc_var[in_flow])
+        if name == "central":  # tr Sigma = E||x||^2 against the iterates' smoothed ||r_k||^2
+            var = np.asarray(variance_trajectory(flow, fr.centre, fr.slow))
+            vfull = np.full((num_steps + 1, var.shape[1]), np.nan)
+            vfull[flow_grid] = var
+            traj["central_variance"] = vfull
+            entry["variance_window_log_error"] = M.windowed_log_loss_error(var.sum(axis=1), disc_var[in_flow])
         metrics[name] = entry
     dh = np.full(num_steps + 1, np.nan)
     dh[grid] = half
     traj["discrete_half_norm"] = dh
+    dv = np.full(num_steps + 1, np.nan)
+    dv[grid] = disc_var
+    traj["discrete_variance"] = dv
+    if "central" in metrics and "rod" in metrics:
+        a, b = metrics["central"].get("param_rel_error_final"), metrics["rod"].get("param_rel_error_final")
+        metrics["central_rod_error_ratio_final"] = a / b if a and b else None
     if "stable" in metrics and "rod" in metrics:
         a, b = metrics["stable"].get("param_rel_error_final"), metrics["rod"].get("param_rel_error_final")
         metrics["error_ratio_final"] = a / b if a and b else None

@@ -77,3 +77,15 @@ def eos_fraction(steps: np.ndarray, ratio: np.ndarray, level: float = 0.9) -> fl
     ratio = np.asarray(ratio, float)
     ok = np.isfinite(ratio)
     return float(np.mean(ratio[ok] >= level)) if ok.any() else None
+
+
+def moving_average(x: np.ndarray, window: int = 5) -> np.ndarray:
+    """Centred mean over ``window`` entries (fewer at the ends), skipping non-finite entries."""
+    x = np.asarray(x, float)
+    ok = np.isfinite(x)
+    c = np.concatenate([[0.0], np.cumsum(np.where(ok, x, 0.0))])
+    n = np.concatenate([[0], np.cumsum(ok)])
+    i = np.arange(x.size)
+    lo, hi = np.maximum(i - window // 2, 0), np.minimum(i + window // 2 + 1, x.size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n[hi] > n[lo], (c[hi] - c[lo]) / (n[hi] - n[lo]), np.nan)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-COLORS = {"discrete": "0.35", "stable": "tab:blue", "rod": "tab:red"}
+COLORS = {"discrete": "0.35", "stable": "tab:blue", "rod": "tab:red", "central": "tab:green"}
+FLOW_NAMES = ("stable", "rod", "central")
 
 
 def _plt():
@@ -28,7 +29,7 @@ def _loss_panel(ax, traj, metrics):
     step = traj["step"]
     ax.plot(step, traj["discrete_loss"], color=COLORS["discrete"], lw=0.6, alpha=0.5, label="discrete L(z_k)")
     ax.plot(step, traj["discrete_avg_loss"], color=COLORS["discrete"], lw=1.2, label="discrete (L_k+L_k+1)/2")
-    for m in ("stable", "rod"):
+    for m in FLOW_NAMES:
         if f"{m}_loss" in traj:
             ax.plot(step, traj[f"{m}_loss"], color=COLORS[m], lw=1.2, label=f"{m} flow")
     ax.set_yscale("log")
@@ -38,7 +39,7 @@ def _loss_panel(ax, traj, metrics):
 
 
 def _sharpness_panel(ax, traj, metrics):
-    for m in ("discrete", "stable", "rod"):
+    for m in ("discrete", *FLOW_NAMES):
         if f"{m}_sharpness" in traj and len(traj[f"{m}_sharpness_step"]):
             s = np.asarray(traj[f"{m}_sharpness"])
             ax.plot(traj[f"{m}_sharpness_step"], s[:, 0], color=COLORS[m], lw=1.2, label=m)
@@ -51,7 +52,7 @@ def _sharpness_panel(ax, traj, metrics):
 
 
 def _error_panel(ax, traj, metrics):
-    for m in ("stable", "rod"):
+    for m in FLOW_NAMES:
         key = f"{m}_param_error"
         if key in traj:
             e = np.asarray(traj[key], float)
