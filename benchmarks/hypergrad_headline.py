@@ -124,14 +124,15 @@ def _figure(lrs, rod, fd, unrolled, avg, rod_val, path, a):
     ax[2].plot(lrs, fd, "o-", ms=3, color="0.35")
     ax[2].set_title("discrete FD slope (width 10x grid spacing)")
     ax[3].plot(lrs, unrolled, "^-", ms=3, color="tab:purple")
-    ax[3].set_yscale("symlog", linthresh=max(1e-3, float(np.min(np.abs(fd)))))
-    ax[3].set_title("unrolled discrete hypergradient (symlog)")
-    lo = min(np.min(rod), np.min(fd))
-    hi = max(np.max(rod), np.max(fd))
-    pad = 0.1 * (hi - lo + 1e-12)
-    for i in (1, 2):
-        ax[i].set_ylim(lo - pad, hi + pad)
+    ax[3].set_title("unrolled discrete hypergradient")
+    # one symlog scale for the three derivative panels, linear within the FD slopes' range
+    lin = max(1e-3, float(np.max(np.abs(fd))))
+    hi = 1.5 * max(np.max(np.abs(rod)), np.max(np.abs(fd)), np.max(np.abs(unrolled)))
+    for i in (1, 2, 3):
+        ax[i].set_yscale("symlog", linthresh=lin)
+        ax[i].set_ylim(-hi, hi)
         ax[i].axhline(0, color="k", lw=0.5)
+        ax[i].axhspan(-lin, lin, color="0.9", lw=0)
     for x in ax:
         x.set_xlabel("learning rate")
     fig.tight_layout()
@@ -139,5 +140,21 @@ def _figure(lrs, rod, fd, unrolled, avg, rod_val, path, a):
     plt.close(fig)
 
 
+def replot(json_path):
+    """Redraw the figure from a written JSON (``python benchmarks/hypergrad_headline.py --replot X.json``)."""
+    import json
+
+    d = json.loads(Path(json_path).read_text())
+    a = argparse.Namespace(window=d["window"], steps=d["steps"])
+    arr = lambda k: np.asarray(d[k], float)  # noqa: E731
+    _figure(arr("learning_rates"), arr("rod_hypergrad"), arr("fd_slope"), arr("unrolled_hypergrad"),
+            arr("discrete_avg_loss"), arr("rod_avg_loss"), Path(json_path).with_suffix(".png"), a)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--replot":
+        replot(sys.argv[2])
+    else:
+        main()
