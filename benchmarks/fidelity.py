@@ -17,6 +17,7 @@ README shows; ``--figures DIR`` also draws one figure per optimizer family.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import platform
 import sys
@@ -140,7 +141,7 @@ def summarise(problem, name, hp, cmp, start_kind, wall, osc):
         pred = t.get(f"{flow}_loss")
         ok = span & np.isfinite(ref) & (np.isfinite(pred) if pred is not None else False)
         pm, rm = _window_mean(pred, ok) if pred is not None else None, _window_mean(ref, ok)
-        row[f"{flow}_mean_loss_error"] = abs(pm - rm) / rm if pm is not None and rm else None
+        row[f"{flow}_mean_loss_error"] = abs(pm - rm) / abs(rm) if pm is not None and rm else None
         row[f"{flow}_sharpness_ratio"] = e.get("sharpness_ratio_final")
         row[f"{flow}_failed_at"] = e.get("failed_at") if e.get("failed") else None
         row[f"{flow}_message"] = e.get("message") or None
@@ -186,28 +187,45 @@ def _fmt(x, spec=".3g"):
     return "-" if x is None else format(x, spec)
 
 
+def _abs(x):
+    return None if x is None else abs(x)
+
+
 def markdown_table(rows) -> str:
-    head = (
-        "| problem | optimizer | start K | onset | at edge | stable err | rod err | ratio final | ratio max "
-        "| mean-loss err stable / rod | sharpness/thr disc / stable / rod | rod |r| / disc half-step, alternating | period-2 purity |"
-    )
-    lines = [head, "|" + "---|" * (len(head.replace("|r|", "r").split("|")) - 2)]
+    """One line per cell (problem, optimizer, hyperparameters); "a / b" = default / pre-edge start."""
+    cells: dict = {}
     for r in rows:
-        stable_err = _fmt(r["stable_error_final"])
-        if r["stable_failed_at"] is not None:
-            stable_err += f" (failed @{r['stable_failed_at']})"
-        lines.append(
-            "| {problem} | {optimizer} | {K} ({kind}) | {onset} | {frac} | {se} | {re} | {rf} | {rm} | {ls} / {lr} | {sd} / {ss} / {sr} | {amp} | {alt} |".format(
-                problem=r["problem"], optimizer=r["optimizer"], K=r["start_step"], kind=r["start"],
-                onset=_fmt(r["eos_onset_step"], "d") if r["eos_onset_step"] is not None else "-",
-                frac=_fmt(r["eos_fraction"], ".2f"), se=stable_err, re=_fmt(r["rod_error_final"]),
-                rf=_fmt(r["error_ratio_final"], ".1f"), rm=_fmt(r["error_ratio_max"], ".1f"),
-                ls=_fmt(r["stable_mean_loss_error"], ".2f"), lr=_fmt(r["rod_mean_loss_error"], ".2f"),
-                sd=_fmt(r["discrete_sharpness_ratio"], ".2f"), ss=_fmt(r["stable_sharpness_ratio"], ".2f"),
-                sr=_fmt(r["rod_sharpness_ratio"], ".2f"), amp=_fmt(r["amplitude_ratio"], ".2f") + ", " + _fmt(r["alternating_amplitude_ratio"], ".2f"),
-                alt=_fmt(r["step_alternation"], ".2f"),
-            )
-        )
+        key = (r["problem"], r["optimizer"], json.dumps(r["hyperparameters"], sort_keys=True))
+        cells.setdefault(key, {})[r["start"]] = r
+    head = [
+        "problem", "optimizer", "K", "onset", "at edge", "stable err", "rod err", "ratio final",
+        "ratio max", "mean-loss err stable / rod", "sharpness/thr disc / stable / rod",
+        "rod amp / disc (half-step, alternating)", "period-2 purity",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def both(starts, key, spec):
+        return " / ".join(_fmt(r[key], spec) for r in starts)
+
+    for (problem, name, hp_json), by_start in cells.items():
+        starts = [by_start[k] for k in ("default", "pre_edge") if k in by_start]
+        r = starts[0]
+        hp = json.loads(hp_json)
+        label = name + (f" (b={hp['momentum']:g})" if "momentum" in hp else "")
+        stable_err = both(starts, "stable_error_final", ".3g")
+        failed = [x["stable_failed_at"] for x in starts if x["stable_failed_at"] is not None]
+        if failed:
+            stable_err += f" (failed @{failed[0]})"
+        lines.append("| " + " | ".join([
+            problem, label, " / ".join(str(x["start_step"]) for x in starts),
+            _fmt(r["eos_onset_step"], "d") if r["eos_onset_step"] is not None else "-",
+            _fmt(r["eos_fraction"], ".2f"), stable_err, both(starts, "rod_error_final", ".3g"),
+            both(starts, "error_ratio_final", ".1f"), both(starts, "error_ratio_max", ".1f"),
+            f"{_fmt(_abs(r['stable_mean_loss_error']), '.2f')} / {_fmt(_abs(r['rod_mean_loss_error']), '.2f')}",
+            f"{_fmt(r['discrete_sharpness_ratio'], '.2f')} / {_fmt(r['stable_sharpness_ratio'], '.2f')} / {_fmt(r['rod_sharpness_ratio'], '.2f')}",
+            f"{_fmt(r['amplitude_ratio'], '.2f')}, {_fmt(r['alternating_amplitude_ratio'], '.2f')}",
+            _fmt(r["step_alternation"], ".2f"),
+        ]) + " |")
     return "\n".join(lines)
 
 
@@ -270,8 +288,13 @@ def main(argv=None):
     ap.add_argument("--starts", default=None, help="comma list of default,pre_edge (default: both)")
     ap.add_argument("--models", default="discrete,stable,rod")
     ap.add_argument("--momentum", type=float, default=None, help="override heavy ball/Nesterov momentum (e.g. 0.9)")
+    ap.add_argument("--table-from", nargs="+", default=None, help="print the table from JSON files, run nothing")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.table_from:
+        rows = [r for f in args.table_from for r in json.loads(Path(f).read_text())]
+        print(markdown_table(rows))
+        return rows
     problems = QUICK["problems"] if args.quick else PROBLEMS
     optimizers = QUICK["optimizers"] if args.quick else OPTIMIZERS
     steps = args.steps or (QUICK["steps"] if args.quick else None)
