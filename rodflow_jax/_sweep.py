@@ -352,6 +352,9 @@ def sweep(
     defaults. The flows all start at one step K (``"auto"``: the largest
     :func:`default_start_step` over the configurations). ``devices="all"`` shards the
     configuration axis over all local devices.
+
+    Compilations are cached on the identity of ``loss_fn``: a second sweep reuses them only if
+    ``make`` returns the same ``loss_fn`` object (e.g. pass ``functools.lru_cache(problem.make)``).
     """
     make, defaults, default_steps, label = _resolve_problem(problem, optimizer_name)
     fixed = dict(fixed or {})
