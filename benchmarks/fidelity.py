@@ -110,6 +110,7 @@ def summarise(problem, name, hp, cmp, start_kind, wall, osc):
     """One JSON row from a :class:`rf.Comparison`."""
     m, t = cmp.metrics, cmp.trajectories
     K, N = m["start_step"], m["num_steps"]
+    nan = np.full(N + 1, np.nan)  # a run that diverged before the start has no flow trajectories
     steps = t["step"]
     onset = m["eos_onset_step"]
     ratio_d = t["discrete_sharpness"][:, 0] / t["discrete_threshold"]
@@ -127,7 +128,7 @@ def summarise(problem, name, hp, cmp, start_kind, wall, osc):
         "eos_fraction": m["eos_fraction"],
         "discrete_sharpness_ratio": _window_mean(ratio_d, at_edge),
         "discrete_diverged_at": m["discrete"]["diverged_at"],
-        "discrete_amplitude": _window_mean(t["discrete_half_norm"], late),
+        "discrete_amplitude": _window_mean(t.get("discrete_half_norm", nan), late),
         "wall_s": round(wall, 1),
     }
     span = (steps >= K) & (steps < N)
@@ -147,7 +148,7 @@ def summarise(problem, name, hp, cmp, start_kind, wall, osc):
         row[f"{flow}_message"] = e.get("message") or None
         row[f"{flow}_solver_steps"] = e.get("solver_steps")
     row["discrete_mean_loss"] = ref_mean
-    row["rod_amplitude"] = _window_mean(t.get("rod_half_norm", np.full_like(ref, np.nan)), late)
+    row["rod_amplitude"] = _window_mean(t.get("rod_half_norm", nan), late)
     row["amplitude_ratio"] = _ratio(row["rod_amplitude"], row["discrete_amplitude"])
     for k, v in osc.items():
         row[k] = v
