@@ -1,7 +1,6 @@
 """The notebooks run top to bottom (their SMALL settings), use only the public API, and are
 committed without outputs."""
 
-import os
 import re
 from pathlib import Path
 
