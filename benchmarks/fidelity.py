@@ -133,8 +133,10 @@ def summarise(problem, name, hp, cmp, start_kind, wall, osc):
     }
     span = (steps >= K) & (steps < N)
     ref_mean = _window_mean(ref, span & np.isfinite(ref))
-    for flow in ("stable", "rod"):
-        e = m.get(flow, {})
+    for flow in ("stable", "rod", "central"):
+        if flow not in m:
+            continue
+        e = m[flow]
         row[f"{flow}_error_final"] = e.get("param_rel_error_final")
         row[f"{flow}_error_max"] = e.get("param_rel_error_max")
         row[f"{flow}_loss_error"] = e.get("loss_rel_error_mean")
@@ -147,6 +149,7 @@ def summarise(problem, name, hp, cmp, start_kind, wall, osc):
         row[f"{flow}_failed_at"] = e.get("failed_at") if e.get("failed") else None
         row[f"{flow}_message"] = e.get("message") or None
         row[f"{flow}_solver_steps"] = e.get("solver_steps")
+        row[f"{flow}_wall_s"] = m.get("timings_s", {}).get(flow)
     row["discrete_mean_loss"] = ref_mean
     row["rod_amplitude"] = _window_mean(t.get("rod_half_norm", nan), late)
     row["amplitude_ratio"] = _ratio(row["rod_amplitude"], row["discrete_amplitude"])
@@ -155,6 +158,10 @@ def summarise(problem, name, hp, cmp, start_kind, wall, osc):
     row["alternating_amplitude_ratio"] = _ratio(row["rod_amplitude"], osc["discrete_alternating_amplitude"])
     row["error_ratio_final"] = _ratio(row["stable_error_final"], row["rod_error_final"])
     row["error_ratio_max"] = _ratio(row["stable_error_max"], row["rod_error_max"])
+    if "central" in m:
+        row["central_rod_error_ratio_final"] = _ratio(row["central_error_final"], row["rod_error_final"])
+        for flow in ("rod", "central"):
+            row[f"{flow}_variance_window_log_error"] = m[flow].get("variance_window_log_error")
     return row
 
 
@@ -230,6 +237,27 @@ def markdown_table(rows) -> str:
     return "\n".join(lines)
 
 
+def central_table(rows) -> str:
+    """Rows that ran the central flow: stable vs rod vs central, side by side."""
+    head = [
+        "problem", "optimizer", "K", "param err stable / rod / central", "mean-loss err stable / rod / central",
+        "sharpness/thr disc / rod / central", "variance log-err rod / central", "wall s rod / central",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "central_error_final" not in r:
+            continue
+        three = lambda key, spec: " / ".join(_fmt(_abs(r.get(f"{f}_{key}")), spec) for f in ("stable", "rod", "central"))  # noqa: E731
+        lines.append("| " + " | ".join([
+            r["problem"], r["optimizer"], str(r["start_step"]), three("error_final", ".3g"),
+            three("mean_loss_error", ".2f"),
+            " / ".join(_fmt(r.get(k), ".2f") for k in ("discrete_sharpness_ratio", "rod_sharpness_ratio", "central_sharpness_ratio")),
+            " / ".join(_fmt(r.get(f"{f}_variance_window_log_error"), ".2f") for f in ("rod", "central")),
+            " / ".join(_fmt(r.get(f"{f}_wall_s"), ".0f") for f in ("rod", "central")),
+        ]) + " |")
+    return "\n".join(lines)
+
+
 def plot_family(family, results, out_path, problem_name=""):
     """Loss, sharpness/threshold and parameter error over steps for one optimizer family."""
     import matplotlib
@@ -295,6 +323,8 @@ def main(argv=None):
     if args.table_from:
         rows = [r for f in args.table_from for r in json.loads(Path(f).read_text())]
         print(markdown_table(rows))
+        if any("central_error_final" in r for r in rows):
+            print("\n" + central_table(rows))
         return rows
     problems = QUICK["problems"] if args.quick else PROBLEMS
     optimizers = QUICK["optimizers"] if args.quick else OPTIMIZERS
@@ -329,6 +359,8 @@ def main(argv=None):
                 write_json(Path(args.out), rows)
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s\n")
     print(markdown_table(rows))
+    if any("central_error_final" in r for r in rows):
+        print("\n" + central_table(rows))
     if args.figures:
         Path(args.figures).mkdir(parents=True, exist_ok=True)
         for family in FAMILIES:
