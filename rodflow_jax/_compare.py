@@ -19,7 +19,7 @@ from ._discrete import DiscreteRun, run_discrete
 from ._errors import InputError
 from ._integrate import FlowRun, SolverConfig, integrate
 from ._sharpness import optimizer_sharpness
-from .flows import central_flow, rod_flow, stable_flow
+from .flows import make_flow
 from .flows._central import check_supported, variance_trajectory
 from .optimizers import AbstractOptimizer, describe
 
@@ -240,12 +240,8 @@ def compare(
     late = M.late_window(flow_grid, K, num_steps)
     disc_ok = np.isfinite(avg_loss[flow_grid])
     for name in flows:
-        if name == "rod":
-            flow, y0 = rod_flow(optimizer, loss_fn, z0, s0, z1, s1, exact_slow_feed=exact_slow_feed)
-        elif name == "central":
-            flow, y0 = central_flow(optimizer, loss_fn, z0, s0, s1)
-        else:
-            flow, y0 = stable_flow(optimizer, loss_fn, z0, s0, s1)
+        options = {"exact_slow_feed": exact_slow_feed} if name == "rod" else {}
+        flow, y0 = make_flow(name, optimizer, loss_fn, z0, s0, z1, s1, **options)
         config = (solver or {}).get(name)
         t = time.perf_counter()
         fr: FlowRun = integrate(flow, y0, K, num_steps - 1, param_steps=flow_grid, config=config, progress=progress)

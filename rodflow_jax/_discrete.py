@@ -35,6 +35,21 @@ class DiscreteRun(NamedTuple):
         return self.phase.params
 
 
+def states_at(optimizer: AbstractOptimizer, loss_fn, params0, K: int):
+    """``(z_K, s_K, z_{K+1}, s_{K+1})`` by a ``lax.scan`` of K steps: pure, so it can be jitted,
+    vmapped over configurations and differentiated (sweeps, hypergradients)."""
+    grad = jax.grad(loss_fn)
+
+    def body(state, _):
+        phase, slow = state
+        return optimizer.step(phase, slow, grad(phase.params)), None
+
+    state0 = optimizer.init(params0)
+    zK, sK = jax.lax.scan(body, state0, None, length=K)[0] if K else state0
+    z1, s1 = optimizer.step(zK, sK, grad(zK.params))
+    return zK, sK, z1, s1
+
+
 @eqx.filter_jit
 def _chunk(optimizer: AbstractOptimizer, loss_fn, phase, slow, save_mask):
     """Run ``len(save_mask)`` steps; return losses, finiteness, and states where ``save_mask``."""

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 from ._errors import InputError
 from ._integrate import SolverConfig, _solve, default_solver
 from ._sharpness import optimizer_sharpness
-from ._sweep import _start_one
-from .flows import rod_flow, stable_flow
+from ._discrete import states_at
+from .flows import make_flow
 from .optimizers import AbstractOptimizer, make_optimizer
 
 HG_MODELS = ("discrete", "stable", "rod")
@@ -76,16 +76,11 @@ def _discrete_losses(optimizer, loss_fn, params0, num_steps):
 
 def _flow_losses(kind, optimizer, loss_fn, params0, num_steps, start_step, config):
     """Predicted losses at ``t = start_step .. N`` and the final centre and slow state."""
-    z0, s0, z1, s1 = _start_one(optimizer, loss_fn, params0, start_step)
-    if kind == "rod":
-        flow, y0 = rod_flow(optimizer, loss_fn, z0, s0, z1, s1)
-    else:
-        flow, y0 = stable_flow(optimizer, loss_fn, z0, s0, s1)
+    flow, y0 = make_flow(kind, optimizer, loss_fn, *states_at(optimizer, loss_fn, params0, start_step))
     dtype = jax.tree.leaves(y0)[0].dtype
     config = config or default_solver(flow, dtype)
     ts = jnp.arange(start_step, num_steps + 1).astype(dtype)
-    max_steps = config.max_steps_per_step * max(num_steps - start_step, 1) + 16
-    sol = _solve(flow, y0, ts[0], ts[-1], ts, ts[-1:], config, max_steps, False)
+    sol = _solve(flow, y0, ts[0], ts[-1], ts, ts[-1:], config, config.max_steps(num_steps - start_step), False)
     (loss, _), (centre, slow) = sol.ys
     return loss, jax.tree.map(lambda x: x[-1], centre), jax.tree.map(lambda x: x[-1], slow)
 

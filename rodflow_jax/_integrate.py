@@ -26,6 +26,10 @@ class SolverConfig(eqx.Module):
     atol: float = eqx.field(static=True)
     max_steps_per_step: int = eqx.field(static=True, default=64)
 
+    def max_steps(self, num_simulated_steps: int) -> int:
+        """The solver-step budget for integrating ``num_simulated_steps`` optimizer steps."""
+        return self.max_steps_per_step * max(int(num_simulated_steps), 1) + 16
+
 
 def default_solver(flow: AbstractFlow, dtype) -> SolverConfig:
     """Tsit5 with a PID controller at tight tolerances, with a step budget per simulated step.
@@ -112,8 +116,7 @@ def integrate(
     param_steps = steps if param_steps is None else np.asarray(param_steps)
     ts = jnp.asarray(steps, dtype)
     pts = jnp.asarray(param_steps, dtype)
-    max_steps = config.max_steps_per_step * max(end_step - start_step, 1) + 16
-    sol = _solve(flow, y0, ts[0], ts[-1], ts, pts, config, max_steps, progress)
+    sol = _solve(flow, y0, ts[0], ts[-1], ts, pts, config, config.max_steps(end_step - start_step), progress)
     (loss, hn), (centre, slow) = sol.ys
     loss = np.asarray(loss)
     finite = np.isfinite(loss)

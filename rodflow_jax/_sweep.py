@@ -37,11 +37,12 @@ from jax.flatten_util import ravel_pytree
 
 from . import _metrics as M
 from ._compare import check_problem, default_start_step
+from ._discrete import states_at
 from ._errors import InputError
 from ._integrate import _solve, default_solver
 from ._sharpness import optimizer_sharpness
 from ._tree import tree_all_finite, tree_norm, tree_where
-from .flows import rod_flow, stable_flow
+from .flows import make_flow
 from .optimizers import make_optimizer
 from .optimizers._registry import hyperparameter_names
 
@@ -190,20 +191,6 @@ def _init_carries(optimizer, loss_fn, params):
     return jax.vmap(lambda o, p: _init_carry(o, loss_fn, p, jax.random.PRNGKey(0)))(optimizer, params)
 
 
-def _start_one(optimizer, loss_fn, params, K: int):
-    """``(z_K, s_K, z_{K+1}, s_{K+1})`` of one configuration."""
-    g = jax.grad(loss_fn)
-
-    def body(st, _):
-        phase, slow = st
-        return optimizer.step(phase, slow, g(phase.params)), None
-
-    st0 = optimizer.init(params)
-    zK, sK = jax.lax.scan(body, st0, None, length=K)[0] if K else st0
-    z1, s1 = optimizer.step(zK, sK, g(zK.params))
-    return zK, sK, z1, s1
-
-
 @eqx.filter_jit
 def _flow_batch(kind, optimizer, loss_fn, params, mids, mid0, K, num_steps, grid, probe_iter):
     """Vmapped flows: predicted loss at every step, sharpness and parameter error on ``grid``."""
@@ -212,16 +199,11 @@ def _flow_batch(kind, optimizer, loss_fn, params, mids, mid0, K, num_steps, grid
     ts, gts = ts.astype(dtype), jnp.asarray(grid, dtype)
 
     def one(opt, p, mids_i, mid0_i):
-        z0, s0, z1, s1 = _start_one(opt, loss_fn, p, K)
-        if kind == "rod":
-            flow, y0 = rod_flow(opt, loss_fn, z0, s0, z1, s1)
-        else:
-            flow, y0 = stable_flow(opt, loss_fn, z0, s0, s1)
+        flow, y0 = make_flow(kind, opt, loss_fn, *states_at(opt, loss_fn, p, K))
         bound = BLOWUP * (1.0 + tree_norm(y0))
         event = diffrax.Event(lambda t, y, args, **kw: ~(tree_all_finite(y) & (tree_norm(y) < bound)))
         config = default_solver(flow, dtype)
-        max_steps = config.max_steps_per_step * max(num_steps - K, 1) + 16
-        sol = _solve(flow, y0, ts[0], ts[-1], ts, gts, config, max_steps, False, event)
+        sol = _solve(flow, y0, ts[0], ts[-1], ts, gts, config, config.max_steps(num_steps - K), False, event)
         (loss, _), (centre, slow) = sol.ys
         ok = sol.result == diffrax.RESULTS.successful
 
@@ -400,7 +382,7 @@ def sweep(
 @eqx.filter_jit
 def _mid0_jit(optimizer, loss_fn, params, K):
     def one(o, p):
-        z0, _, z1, _ = _start_one(o, loss_fn, p, K)
+        z0, _, z1, _ = states_at(o, loss_fn, p, K)
         return 0.5 * (ravel_pytree(z0.params)[0] + ravel_pytree(z1.params)[0])
 
     return jax.vmap(one)(optimizer, params)
