@@ -19,12 +19,12 @@ from ._discrete import DiscreteRun, run_discrete
 from ._errors import InputError
 from ._integrate import FlowRun, SolverConfig, integrate
 from ._sharpness import optimizer_sharpness
-from .flows import make_flow
+from .flows import check_inertial, make_flow
 from .flows._central import check_supported, variance_trajectory
 from .optimizers import AbstractOptimizer, describe
 
-MODELS = ("discrete", "stable", "rod", "central")
-FLOWS = ("stable", "rod", "central")
+MODELS = ("discrete", "stable", "rod", "central", "inertial", "inertial_stable")
+FLOWS = ("stable", "rod", "central", "inertial", "inertial_stable")
 DEFAULT_MODELS = ("discrete", "stable", "rod")  # central costs Hessian eigenvectors: ask for it
 
 
@@ -166,6 +166,8 @@ def compare(
         raise InputError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     if "central" in models:
         check_supported(optimizer)
+    if "inertial" in models or "inertial_stable" in models:
+        check_inertial(optimizer)
     K = default_start_step(optimizer) if start_step == "auto" else int(start_step)
     if num_steps < 2:
         raise InputError(f"steps must be at least 2, got {num_steps}")
@@ -274,10 +276,10 @@ def compare(
             "solver_steps": fr.solver_steps,
             "rejected_steps": fr.rejected_steps,
         }
-        if fr.half_norm is not None:
+        if fr.half_norm is not None and name in ("rod", "inertial"):
             hn = np.full(num_steps + 1, np.nan)
             hn[fr.steps] = fr.half_norm
-            traj["rod_half_norm"] = hn
+            traj[f"{name}_half_norm"] = hn
             entry["variance_window_log_error"] = M.windowed_log_loss_error(hn[flow_grid] ** 2, disc_var[in_flow])
         if name == "central":  # tr Sigma = E||x||^2 against the iterates' smoothed ||r_k||^2
             var = np.asarray(variance_trajectory(flow, fr.centre, fr.slow))

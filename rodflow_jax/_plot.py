@@ -6,8 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
-COLORS = {"discrete": "0.35", "stable": "tab:blue", "rod": "tab:red", "central": "tab:green"}
-FLOW_NAMES = ("stable", "rod", "central")
+COLORS = {
+    "discrete": "0.35",
+    "stable": "tab:blue",
+    "rod": "tab:red",
+    "central": "tab:green",
+    "inertial": "tab:purple",
+    "inertial_stable": "tab:cyan",
+}
+FLOW_NAMES = ("stable", "rod", "central", "inertial", "inertial_stable")
 
 
 def _plt():

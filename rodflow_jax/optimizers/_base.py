@@ -99,6 +99,17 @@ class AbstractOptimizer(eqx.Module):
         """
         return jnp.ones(())
 
+    # --- optional: the velocity form the inertial flows need -----------------------------------
+    def momentum_decay(self) -> jax.Array | None:
+        """``beta`` if this is a momentum method whose velocity ``w_k - w_{k-1}`` contracts by
+        ``beta`` per step (heavy ball, Nesterov), else ``None``."""
+        return None
+
+    def momentum_from_velocity(self, params, velocity, slow: Slow, grad_fn) -> PyTree:
+        """The momentum ``m_k`` of the phase state at ``params = w_k`` reached by the step
+        ``velocity = w_k - w_{k-1}``, so that ``fast_map`` continues that trajectory."""
+        raise NotImplementedError(f"{self.name} has no velocity form")
+
     # --- generic pieces ------------------------------------------------------------------------
     def eta(self, slow: Slow) -> jax.Array:
         """Learning rate for the step taken from ``slow`` (schedules see optax's count)."""

@@ -67,6 +67,9 @@ class _AbstractMomentum(AbstractOptimizer):
     def hyperparameters(self):
         return {"learning_rate": self.learning_rate, "momentum": self.momentum}
 
+    def momentum_decay(self):
+        return self.momentum
+
     def __check_init__(self):
         check_unit_interval("momentum", self.momentum)
 
@@ -88,6 +91,11 @@ class HeavyBall(_AbstractMomentum):
     def threshold(self, slow):
         return (2.0 + 2.0 * self.momentum) / self.eta(slow)
 
+    def momentum_from_velocity(self, params, velocity, slow, grad_fn):
+        """``w_k - w_{k-1} = -eta m_k``."""
+        eta = self.eta(slow)
+        return jax.tree.map(lambda v: -v / eta, velocity)
+
 
 class Nesterov(_AbstractMomentum):
     r"""Nesterov momentum (``optax.sgd(learning_rate, momentum=beta, nesterov=True)``).
@@ -107,3 +115,9 @@ class Nesterov(_AbstractMomentum):
     def threshold(self, slow):
         b = self.momentum
         return (2.0 + 2.0 * b) / (self.eta(slow) * (1.0 + 2.0 * b))
+
+    def momentum_from_velocity(self, params, velocity, slow, grad_fn):
+        """``w_k - w_{k-1} = -eta (g(w_{k-1}) + beta m_k)`` with ``w_{k-1} = w_k - velocity``."""
+        eta, beta = self.eta(slow), self.momentum
+        g_prev = grad_fn(jax.tree.map(jnp.subtract, params, velocity))
+        return jax.tree.map(lambda v, g: -(v / eta + g) / beta, velocity, g_prev)
