@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .flows import AbstractFlow, RodFlow, StableFlow
+from .flows import AbstractFlow, StableFlow
 
 
 class SolverConfig(eqx.Module):
