@@ -133,7 +133,7 @@ def summarise(problem, name, hp, cmp, start_kind, wall, osc):
     }
     span = (steps >= K) & (steps < N)
     ref_mean = _window_mean(ref, span & np.isfinite(ref))
-    for flow in ("stable", "rod", "central"):
+    for flow in ("stable", "rod", "central", "inertial", "inertial_stable"):
         if flow not in m:
             continue
         e = m[flow]
@@ -158,6 +158,11 @@ def summarise(problem, name, hp, cmp, start_kind, wall, osc):
     row["alternating_amplitude_ratio"] = _ratio(row["rod_amplitude"], osc["discrete_alternating_amplitude"])
     row["error_ratio_final"] = _ratio(row["stable_error_final"], row["rod_error_final"])
     row["error_ratio_max"] = _ratio(row["stable_error_max"], row["rod_error_max"])
+    if "inertial" in m:
+        row["inertial_amplitude"] = _window_mean(t.get("inertial_half_norm", nan), late)
+        row["inertial_alternating_amplitude_ratio"] = _ratio(row["inertial_amplitude"], osc["discrete_alternating_amplitude"])
+        row["stable_inertial_error_ratio_final"] = _ratio(row["stable_error_final"], row["inertial_error_final"])
+        row["rod_inertial_error_ratio_final"] = _ratio(row["rod_error_final"], row["inertial_error_final"])
     if "central" in m:
         row["central_rod_error_ratio_final"] = _ratio(row["central_error_final"], row["rod_error_final"])
         for flow in ("rod", "central"):
@@ -171,6 +176,8 @@ def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "p
     come after the default start). Returns ``(rows, {start: Comparison})``."""
     loss_fn, params0 = problem.make(0)
     opt, hp = make_cell_optimizer(problem, name, overrides)
+    if opt.momentum_decay() is None:  # the inertial flows exist for the momentum methods only
+        models = [m for m in models if not m.startswith("inertial")]
     steps = steps or problem.default_steps
     kw = dict(probe_every=max(1, steps // 50), progress=progress)
     K0 = rf.default_start_step(opt)
@@ -233,6 +240,29 @@ def markdown_table(rows) -> str:
             f"{_fmt(r['discrete_sharpness_ratio'], '.2f')} / {_fmt(r['stable_sharpness_ratio'], '.2f')} / {_fmt(r['rod_sharpness_ratio'], '.2f')}",
             f"{_fmt(r['amplitude_ratio'], '.2f')}, {_fmt(r['alternating_amplitude_ratio'], '.2f')}",
             _fmt(r["step_alternation"], ".2f"),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def inertial_table(rows) -> str:
+    """Rows that ran the inertial flows: first-order against second-order (inertial) models."""
+    head = [
+        "problem", "optimizer", "K", "param err stable / rod / inertial stable / inertial", "stable / inertial",
+        "rod / inertial", "mean-loss err rod / inertial", "sharpness/thr disc / rod / inertial",
+        "amp / disc alternating rod, inertial",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "inertial_error_final" not in r:
+            continue
+        label = r["optimizer"] + (f" (b={r['hyperparameters']['momentum']:g})" if "momentum" in r["hyperparameters"] else "")
+        lines.append("| " + " | ".join([
+            r["problem"], label, str(r["start_step"]),
+            " / ".join(_fmt(r.get(f"{f}_error_final"), ".3g") for f in ("stable", "rod", "inertial_stable", "inertial")),
+            _fmt(r.get("stable_inertial_error_ratio_final"), ".1f"), _fmt(r.get("rod_inertial_error_ratio_final"), ".1f"),
+            " / ".join(_fmt(_abs(r.get(f"{f}_mean_loss_error")), ".3f") for f in ("rod", "inertial")),
+            " / ".join(_fmt(r.get(k), ".2f") for k in ("discrete_sharpness_ratio", "rod_sharpness_ratio", "inertial_sharpness_ratio")),
+            ", ".join(_fmt(r.get(k), ".2f") for k in ("alternating_amplitude_ratio", "inertial_alternating_amplitude_ratio")),
         ]) + " |")
     return "\n".join(lines)
 
@@ -315,7 +345,7 @@ def main(argv=None):
     ap.add_argument("--figures", default=None, help="folder for one PNG per optimizer family")
     ap.add_argument("--figure-problem", default="mlp-digits")
     ap.add_argument("--starts", default=None, help="comma list of default,pre_edge (default: both)")
-    ap.add_argument("--models", default="discrete,stable,rod")
+    ap.add_argument("--models", default="discrete,stable,rod", help="comma list; add inertial,inertial_stable (momentum methods) or central")
     ap.add_argument("--momentum", type=float, default=None, help="override heavy ball/Nesterov momentum (e.g. 0.9)")
     ap.add_argument("--table-from", nargs="+", default=None, help="print the table from JSON files, run nothing")
     ap.add_argument("--progress", action="store_true")
@@ -325,6 +355,8 @@ def main(argv=None):
         print(markdown_table(rows))
         if any("central_error_final" in r for r in rows):
             print("\n" + central_table(rows))
+        if any("inertial_error_final" in r for r in rows):
+            print("\n" + inertial_table(rows))
         return rows
     problems = QUICK["problems"] if args.quick else PROBLEMS
     optimizers = QUICK["optimizers"] if args.quick else OPTIMIZERS
@@ -352,7 +384,9 @@ def main(argv=None):
                 print(
                     f"{pname:16s} {name:15s} K={r['start_step']:4d} onset={r['eos_onset_step']} "
                     f"stable={_fmt(r['stable_error_final'])} rod={_fmt(r['rod_error_final'])} "
-                    f"ratio={_fmt(r['error_ratio_final'], '.1f')} ({time.perf_counter() - t:.0f} s)",
+                    f"ratio={_fmt(r['error_ratio_final'], '.1f')}"
+                    + (f" inertial={_fmt(r['inertial_error_final'])}" if "inertial_error_final" in r else "")
+                    + f" ({time.perf_counter() - t:.0f} s)",
                     flush=True,
                 )
             if args.out:  # written after every cell, so a long run leaves its partial results
@@ -361,6 +395,8 @@ def main(argv=None):
     print(markdown_table(rows))
     if any("central_error_final" in r for r in rows):
         print("\n" + central_table(rows))
+    if any("inertial_error_final" in r for r in rows):
+        print("\n" + inertial_table(rows))
     if args.figures:
         Path(args.figures).mkdir(parents=True, exist_ok=True)
         for family in FAMILIES:

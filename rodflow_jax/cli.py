@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=None, help="discrete steps (default: the problem's)")
     c.add_argument("--start-step", default="auto", help="step K the flows start from, or 'auto'")
     c.add_argument("--models", default="discrete,stable,rod",
-                   help="comma list of discrete, stable, rod, central (central: gd and the rmsprops)")
+                   help="comma list of discrete, stable, rod, central (gd and the rmsprops), "
+                   "inertial, inertial_stable (heavy_ball and nesterov)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--probe-every", type=int, default=None, help="sharpness probe interval (steps)")
     c.add_argument("--top-k", type=int, default=1, help="how many top eigenvalues each probe records")
@@ -107,20 +108,20 @@ def _load(args):
 
 
 def _table(metrics) -> str:
-    rows = [f"{'model':9s} {'final loss':>11s} {'err final':>10s} {'err max':>10s} {'sharp/thr':>10s}  status"]
+    rows = [f"{'model':15s} {'final loss':>11s} {'err final':>10s} {'err max':>10s} {'sharp/thr':>10s}  status"]
     d = metrics["discrete"]
     thr = metrics.get("threshold") or float("nan")
     fmt = lambda x: f"{x:10.3g}" if isinstance(x, (int, float)) else f"{'-':>10s}"  # noqa: E731
     status = f"diverged at step {d['diverged_at']}" if d["diverged"] else "ok"
     s = d.get("sharpness_final")
-    rows.append(f"{'discrete':9s} {fmt(d['final_loss'])} {fmt(None)} {fmt(None)} {fmt(s / thr if s else None)}  {status}")
-    for m in ("stable", "rod", "central"):
+    rows.append(f"{'discrete':15s} {fmt(d['final_loss'])} {fmt(None)} {fmt(None)} {fmt(s / thr if s else None)}  {status}")
+    for m in ("stable", "rod", "central", "inertial_stable", "inertial"):
         if m not in metrics:
             continue
         e = metrics[m]
         st = f"failed at step {e['failed_at']} ({e.get('message', '')})" if e.get("failed") else "ok"
         rows.append(
-            f"{m:9s} {fmt(None)} {fmt(e.get('param_rel_error_final'))} {fmt(e.get('param_rel_error_max'))} "
+            f"{m:15s} {fmt(None)} {fmt(e.get('param_rel_error_final'))} {fmt(e.get('param_rel_error_max'))} "
             f"{fmt(e.get('sharpness_ratio_final'))}  {st}"
         )
     if metrics.get("error_ratio_final"):

@@ -36,6 +36,19 @@ def test_compare_user_problem_writes_outputs(tmp_path, user_file, capsys):
     assert "rod" in capsys.readouterr().out
 
 
+def test_compare_inertial_models(tmp_path, user_file, capsys):
+    out = tmp_path / "out"
+    rc = main(["compare", "--problem", f"{user_file}:make", "--optimizer", "heavy_ball", "--learning-rate", "0.1",
+               "--momentum", "0.9", "--steps", "60", "--start-step", "20", "--out", str(out), "--no-progress",
+               "--probe-every", "20",
+               "--models", "discrete,rod,inertial,inertial_stable"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert not m["inertial"]["failed"] and not m["inertial_stable"]["failed"]
+    printed = capsys.readouterr().out
+    assert "inertial_stable" in printed and "inertial " in printed
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
@@ -48,6 +61,7 @@ def test_compare_user_problem_writes_outputs(tmp_path, user_file, capsys):
         (["--problem", "does/not/exist.py:make", "--learning-rate", "0.1"], "does not exist"),
         (["--steps", "ten"], "invalid int value"),
         (["--models", "discrete,rodd"], "unknown model"),
+        (["--optimizer", "adam", "--models", "discrete,inertial"], "defined for the momentum methods"),
         (["--top-k", "0"], "top-k must be at least 1"),
         (["--start-step", "soon"], "--start-step must be an integer"),
         (["--sharpness-method", "power"], "invalid choice"),
