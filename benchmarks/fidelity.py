@@ -170,7 +170,7 @@ def summarise(problem, name, hp, cmp, start_kind, wall, osc):
     return row
 
 
-def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "pre_edge"), models=("discrete", "stable", "rod"), progress=False):
+def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "pre_edge"), models=("discrete", "stable", "rod"), progress=False, probe_every=None):
     """Rows for one cell, one per start: ``default`` (``rf.default_start_step``) and
     ``pre_edge`` (``PRE_EDGE * steps`` before the discrete onset; skipped where it would not
     come after the default start). Returns ``(rows, {start: Comparison})``."""
@@ -179,7 +179,7 @@ def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "p
     if opt.momentum_decay() is None:  # the inertial flows exist for the momentum methods only
         models = [m for m in models if not m.startswith("inertial")]
     steps = steps or problem.default_steps
-    kw = dict(probe_every=max(1, steps // 50), progress=progress)
+    kw = dict(probe_every=probe_every or max(1, steps // 50), progress=progress)
     K0 = rf.default_start_step(opt)
     cmps, walls = {}, {}
     t = time.perf_counter()
@@ -348,6 +348,7 @@ def main(argv=None):
     ap.add_argument("--models", default="discrete,stable,rod", help="comma list; add inertial,inertial_stable (momentum methods) or central")
     ap.add_argument("--momentum", type=float, default=None, help="override heavy ball/Nesterov momentum (e.g. 0.9)")
     ap.add_argument("--table-from", nargs="+", default=None, help="print the table from JSON files, run nothing")
+    ap.add_argument("--probe-every", type=int, default=None, help="sharpness probe interval (default: steps // 50)")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
     if args.table_from:
@@ -375,7 +376,8 @@ def main(argv=None):
             t = time.perf_counter()
             overrides = momentum_overrides(problem, name, args.momentum)
             cell_rows, cmps = run_cell(
-                problem, name, steps, overrides=overrides, starts=starts, models=args.models.split(","), progress=args.progress
+                problem, name, steps, overrides=overrides, starts=starts, models=args.models.split(","), progress=args.progress,
+                probe_every=args.probe_every,
             )
             rows.extend(cell_rows)
             if pname == args.figure_problem and cmps:

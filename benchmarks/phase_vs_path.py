@@ -10,6 +10,8 @@ ways, averaged over steps N-40 .. N-21 (the numbers in the README's fidelity sec
 
     python benchmarks/phase_vs_path.py --problem toy --optimizer heavy_ball
     python benchmarks/phase_vs_path.py --problem mlp-digits --optimizer heavy_ball --momentum 0.9
+
+For heavy ball and Nesterov the inertial rod flow and its stable limit are measured too.
 """
 
 from __future__ import annotations
@@ -66,11 +68,12 @@ def main(argv=None):
     z0, s0 = run.state_at(K)
     z1, s1 = run.state_at(K + 1)
     print(f"{args.problem} {args.optimizer} {hp} K={K}")
-    for kind in ("rod", "stable"):
+    kinds = ("rod", "stable") + (("inertial", "inertial_stable") if opt.momentum_decay() is not None else ())
+    for kind in kinds:
         flow, y0 = rf.make_flow(kind, opt, loss_fn, z0, s0, z1, s1)
         fr = rf.integrate(flow, y0, K, args.steps - 1)
         e = errors(_flat(fr.centre), fr.param_steps, mid, K)
-        print(f"  {kind:7s}" + "  ".join(f"{k} {v:.3g}" for k, v in e.items()) + ("  (failed)" if fr.failed else ""))
+        print(f"  {kind:16s}" + "  ".join(f"{k} {v:.3g}" for k, v in e.items()) + ("  (failed)" if fr.failed else ""))
 
 
 if __name__ == "__main__":
