@@ -357,6 +357,31 @@ def plot_family(family, results, out_path, problem_name=""):
     plt.close(fig)
 
 
+def _cell_task(pname, name, steps, momentum, starts, models, progress, probe_every, keep):
+    """One cell in a worker: ``(pname, name, rows, comparisons kept for figures, wall s)``."""
+    t = time.perf_counter()
+    problem = rf.get_problem(pname)
+    cell_rows, cmps = run_cell(problem, name, steps, overrides=momentum_overrides(problem, name, momentum),
+                               starts=starts, models=models, progress=progress, probe_every=probe_every)
+    return pname, name, cell_rows, (cmps if pname == keep else {}), time.perf_counter() - t
+
+
+def _run_cells(tasks, cell_kw, jobs, keep):
+    """Yield finished cells: in order with ``jobs == 1``, as they finish with ``jobs`` worker
+    processes (each its own JAX runtime; on a GPU they share it, with preallocation off)."""
+    if jobs == 1:
+        for pname, name in tasks:
+            yield _cell_task(pname, name, **cell_kw, keep=keep)
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_cell_task, pname, name, **cell_kw, keep=keep) for pname, name in tasks]
+        for f in cf.as_completed(futures):
+            yield f.result()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI size: %s" % QUICK)
@@ -371,6 +396,7 @@ def main(argv=None):
     ap.add_argument("--momentum", type=float, default=None, help="override heavy ball/Nesterov momentum (e.g. 0.9)")
     ap.add_argument("--table-from", nargs="+", default=None, help="print the table from JSON files, run nothing")
     ap.add_argument("--probe-every", type=int, default=None, help="sharpness probe interval (default: steps // 50)")
+    ap.add_argument("--jobs", type=int, default=1, help="cells run in this many worker processes (default 1)")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
     if args.table_from:
@@ -389,33 +415,36 @@ def main(argv=None):
     if args.optimizers:
         optimizers = args.optimizers.split(",")
     starts = tuple(args.starts.split(",")) if args.starts else (QUICK["starts"] if args.quick else ("default", "pre_edge"))
+    if args.jobs > 1:  # before any backend starts: workers share the device
+        import os
+
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), {platform.processor() or platform.machine()}", flush=True)
     rows, for_figures = [], {}
     t_all = time.perf_counter()
-    for pname in problems:
-        problem = rf.get_problem(pname)
-        for name in optimizers:
-            t = time.perf_counter()
-            overrides = momentum_overrides(problem, name, args.momentum)
-            cell_rows, cmps = run_cell(
-                problem, name, steps, overrides=overrides, starts=starts, models=args.models.split(","), progress=args.progress,
-                probe_every=args.probe_every,
+    tasks = [(pname, name) for pname in problems for name in optimizers]
+    cell_kw = dict(steps=steps, momentum=args.momentum, starts=starts, models=tuple(args.models.split(",")),
+                   progress=args.progress and args.jobs == 1, probe_every=args.probe_every)
+    for pname, name, cell_rows, cmps, wall in _run_cells(tasks, cell_kw, args.jobs, keep=args.figure_problem if args.figures else None):
+        rows.extend(cell_rows)
+        if cmps:
+            for_figures[name] = next(iter(cmps.values()))
+        for r in cell_rows:
+            print(
+                f"{pname:16s} {name:15s} K={r['start_step']:4d} onset={r['eos_onset_step']} "
+                f"stable={_fmt(r['stable_error_final'])} rod={_fmt(r['rod_error_final'])} "
+                f"ratio={_fmt(r['error_ratio_final'], '.1f')}"
+                + (f" inertial={_fmt(r['inertial_error_final'])}" if "inertial_error_final" in r else "")
+                + f" ({wall:.0f} s)",
+                flush=True,
             )
-            rows.extend(cell_rows)
-            if pname == args.figure_problem and cmps:
-                for_figures[name] = next(iter(cmps.values()))
-            for r in cell_rows:
-                print(
-                    f"{pname:16s} {name:15s} K={r['start_step']:4d} onset={r['eos_onset_step']} "
-                    f"stable={_fmt(r['stable_error_final'])} rod={_fmt(r['rod_error_final'])} "
-                    f"ratio={_fmt(r['error_ratio_final'], '.1f')}"
-                    + (f" inertial={_fmt(r['inertial_error_final'])}" if "inertial_error_final" in r else "")
-                    + f" ({time.perf_counter() - t:.0f} s)",
-                    flush=True,
-                )
-            if args.out:  # written after every cell, so a long run leaves its partial results
-                write_json(Path(args.out), rows)
-    print(f"\ntotal {time.perf_counter() - t_all:.0f} s\n")
+        if args.out:  # written after every cell, so a long run leaves its partial results
+            write_json(Path(args.out), rows)
+    order = {task: i for i, task in enumerate(tasks)}
+    rows.sort(key=lambda r: order.get((r["problem"], r["optimizer"]), len(order)))
+    if args.out:
+        write_json(Path(args.out), rows)
+    print(f"\ntotal {time.perf_counter() - t_all:.0f} s ({args.jobs} job(s))\n")
     print(markdown_table(rows))
     if any("central_error_final" in r for r in rows):
         print("\n" + central_table(rows))
