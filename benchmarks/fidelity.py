@@ -266,6 +266,30 @@ def markdown_table(rows) -> str:
     return "\n".join(lines)
 
 
+def summary_counts(rows) -> str:
+    """The README's counts, each cell once (its pre-edge start where it has one)."""
+    cells: dict = {}
+    for r in rows:
+        key = (r["problem"], r["optimizer"], json.dumps(r["hyperparameters"], sort_keys=True))
+        if key not in cells or r["start"] == "pre_edge":
+            cells[key] = r
+    rs = list(cells.values())
+    edge = [r for r in rs if (r["eos_fraction"] or 0) >= 0.5]
+    ratio = [r.get("error_ratio_final") or 0 for r in edge]
+    near = lambda x: x is not None and abs(x - 1) <= 0.05  # noqa: E731
+    loss_ok = lambda f: sum(1 for r in rs if r.get(f"{f}_mean_loss_error") is not None and abs(r[f"{f}_mean_loss_error"]) <= 0.05)  # noqa: E731
+    disc = lambda r: r.get("discrete_midpoint_sharpness_ratio") or r.get("discrete_sharpness_ratio")  # noqa: E731
+    where = [r for r in rs if near(disc(r))]
+    return (
+        f"{len(rs)} cells; {len(edge)} at the edge for >= half their probes; among those, stable/rod "
+        f">= 3 in {sum(x >= 3 for x in ratio)} and >= 10 in {sum(x >= 10 for x in ratio)}; rod sharpness "
+        f"within 5 % of the threshold in {sum(near(r.get('rod_sharpness_ratio')) for r in rs)}/{len(rs)}, and in "
+        f"{sum(near(r.get('rod_sharpness_ratio')) for r in where)} of the {len(where)} where the discrete one is "
+        "(at the midpoints where probed there); "
+        f"mean loss within 5 %: rod {loss_ok('rod')}/{len(rs)}, stable {loss_ok('stable')}/{len(rs)}"
+    )
+
+
 def inertial_table(rows) -> str:
     """Rows that ran the inertial flows: first-order against second-order (inertial) models."""
     head = [
@@ -402,6 +426,7 @@ def main(argv=None):
     if args.table_from:
         rows = [r for f in args.table_from for r in json.loads(Path(f).read_text())]
         print(markdown_table(rows))
+        print("\n" + summary_counts(rows))
         if any("central_error_final" in r for r in rows):
             print("\n" + central_table(rows))
         if any("inertial_error_final" in r for r in rows):
@@ -446,6 +471,7 @@ def main(argv=None):
         write_json(Path(args.out), rows)
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s ({args.jobs} job(s))\n")
     print(markdown_table(rows))
+    print("\n" + summary_counts(rows))
     if any("central_error_final" in r for r in rows):
         print("\n" + central_table(rows))
     if any("inertial_error_final" in r for r in rows):
