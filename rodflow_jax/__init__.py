@@ -18,6 +18,7 @@ from ._sharpness import (
 )
 from .flows import RodFlow as RodFlow, StableFlow as StableFlow, rod_flow as rod_flow, stable_flow as stable_flow
 from .flows import CentralFlow as CentralFlow, central_flow as central_flow, make_flow as make_flow
+from .flows import InertialRodFlow as InertialRodFlow, inertial_flow as inertial_flow
 from .optimizers import (
     GD as GD,
     OPTIMIZERS as OPTIMIZERS,
