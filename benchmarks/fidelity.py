@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import numpy as np
 
@@ -107,6 +108,9 @@ def oscillation_stats(loss_fn, params0, optimizer, num_steps, start):
     }
 
 
+_sharpness = eqx.filter_jit(rf.optimizer_sharpness)  # compiled once per cell, not per probe
+
+
 def midpoint_sharpness_ratio(loss_fn, optimizer, run, start, num_steps, probes=10):
     """Mean (preconditioned) sharpness / threshold at the discrete *midpoints*
     ``((z_k + z_{k+1})/2, (s_k + s_{k+1})/2)`` over ``probes`` steps of the second half of the
@@ -118,7 +122,7 @@ def midpoint_sharpness_ratio(loss_fn, optimizer, run, start, num_steps, probes=1
     for k in np.unique(np.linspace(first, num_steps - 1, probes).astype(int)):
         (z0, s0), (z1, s1) = run.state_at(int(k)), run.state_at(int(k) + 1)
         mid = jax.tree.map(lambda a, b: 0.5 * (a + b), (z0.params, s0), (z1.params, s1))
-        probe = rf.optimizer_sharpness(optimizer, loss_fn, mid[0], mid[1])
+        probe = _sharpness(optimizer, loss_fn, mid[0], mid[1])
         ratios.append(float(probe.eigenvalues[0] / probe.threshold))
     return float(np.mean(ratios))
 
@@ -223,6 +227,15 @@ def _abs(x):
     return None if x is None else abs(x)
 
 
+def _cell_key(r):
+    """A cell: problem, optimizer and its hyperparameters (the starts are its rows)."""
+    return r["problem"], r["optimizer"], json.dumps(r["hyperparameters"], sort_keys=True)
+
+
+def _label(name, hp) -> str:
+    return name + (f" (b={hp['momentum']:g})" if "momentum" in hp else "")
+
+
 def _mid(row) -> str:
     m = row.get("discrete_midpoint_sharpness_ratio")
     return "" if m is None else f" (mid {m:.2f})"
@@ -232,8 +245,7 @@ def markdown_table(rows) -> str:
     """One line per cell (problem, optimizer, hyperparameters); "a / b" = default / pre-edge start."""
     cells: dict = {}
     for r in rows:
-        key = (r["problem"], r["optimizer"], json.dumps(r["hyperparameters"], sort_keys=True))
-        cells.setdefault(key, {})[r["start"]] = r
+        cells.setdefault(_cell_key(r), {})[r["start"]] = r
     head = [
         "problem", "optimizer", "K", "onset", "at edge", "stable err", "rod err", "ratio final",
         "ratio max", "mean-loss err stable / rod", "sharpness/thr disc / stable / rod",
@@ -247,8 +259,7 @@ def markdown_table(rows) -> str:
     for (problem, name, hp_json), by_start in cells.items():
         starts = [by_start[k] for k in ("default", "pre_edge") if k in by_start]
         r = starts[0]
-        hp = json.loads(hp_json)
-        label = name + (f" (b={hp['momentum']:g})" if "momentum" in hp else "")
+        label = _label(name, json.loads(hp_json))
         stable_err = both(starts, "stable_error_final", ".3g")
         failed = [x["stable_failed_at"] for x in starts if x["stable_failed_at"] is not None]
         if failed:
@@ -270,9 +281,8 @@ def summary_counts(rows) -> str:
     """The README's counts, each cell once (its pre-edge start where it has one)."""
     cells: dict = {}
     for r in rows:
-        key = (r["problem"], r["optimizer"], json.dumps(r["hyperparameters"], sort_keys=True))
-        if key not in cells or r["start"] == "pre_edge":
-            cells[key] = r
+        if _cell_key(r) not in cells or r["start"] == "pre_edge":
+            cells[_cell_key(r)] = r
     rs = list(cells.values())
     edge = [r for r in rs if (r["eos_fraction"] or 0) >= 0.5]
     ratio = [r.get("error_ratio_final") or 0 for r in edge]
@@ -301,7 +311,7 @@ def inertial_table(rows) -> str:
     for r in rows:
         if "inertial_error_final" not in r:
             continue
-        label = r["optimizer"] + (f" (b={r['hyperparameters']['momentum']:g})" if "momentum" in r["hyperparameters"] else "")
+        label = _label(r["optimizer"], r["hyperparameters"])
         lines.append("| " + " | ".join([
             r["problem"], label, str(r["start_step"]),
             " / ".join(_fmt(r.get(f"{f}_error_final"), ".3g") for f in ("stable", "rod", "inertial_stable", "inertial")),

@@ -19,12 +19,12 @@ from ._discrete import DiscreteRun, run_discrete
 from ._errors import InputError
 from ._integrate import FlowRun, SolverConfig, integrate
 from ._sharpness import optimizer_sharpness
-from .flows import check_inertial, make_flow
+from .flows import FLOW_KINDS, check_inertial, make_flow
 from .flows._central import check_supported, variance_trajectory
 from .optimizers import AbstractOptimizer, describe
 
-MODELS = ("discrete", "stable", "rod", "central", "inertial", "inertial_stable")
-FLOWS = ("stable", "rod", "central", "inertial", "inertial_stable")
+FLOWS = FLOW_KINDS
+MODELS = ("discrete", *FLOW_KINDS)
 DEFAULT_MODELS = ("discrete", "stable", "rod")  # central costs Hessian eigenvectors: ask for it
 
 
@@ -276,7 +276,7 @@ def compare(
             "solver_steps": fr.solver_steps,
             "rejected_steps": fr.rejected_steps,
         }
-        if fr.half_norm is not None and name in ("rod", "inertial"):
+        if fr.half_norm is not None:
             hn = np.full(num_steps + 1, np.nan)
             hn[fr.steps] = fr.half_norm
             traj[f"{name}_half_norm"] = hn

@@ -62,18 +62,13 @@ class FlowRun(NamedTuple):
     rejected_steps: int
 
 
-def _has_half(flow) -> bool:
-    """Whether ``flow`` models the oscillation (a rod with a half-vector)."""
-    return callable(getattr(flow, "half_norm", None))
-
-
 @eqx.filter_jit
 def _solve(flow, y0, t0, t1, ts, param_ts, config: SolverConfig, max_steps: int, progress: bool, event=None):
     """One diffrax solve; ``event`` (optional ``diffrax.Event``) may stop it early (sweeps use
     one to stop a blown-up configuration instead of letting it exhaust the step budget)."""
 
     def save_scalar(t, y, args):
-        hn = flow.half_norm(y) if _has_half(flow) else jnp.zeros(())
+        hn = flow.half_norm(y)
         return flow.predicted_loss(y), hn
 
     def save_state(t, y, args):
@@ -131,7 +126,7 @@ def integrate(
     return FlowRun(
         steps=steps,
         loss=loss,
-        half_norm=np.asarray(hn) if _has_half(flow) else None,
+        half_norm=np.asarray(hn) if flow.models_oscillation else None,
         centre=jax.tree.map(np.asarray, centre),
         param_steps=param_steps,
         slow=jax.tree.map(np.asarray, slow),

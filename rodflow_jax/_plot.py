@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .flows import FLOW_KINDS
+
 COLORS = {
     "discrete": "0.35",
     "stable": "tab:blue",
@@ -14,7 +16,7 @@ COLORS = {
     "inertial": "tab:purple",
     "inertial_stable": "tab:cyan",
 }
-FLOW_NAMES = ("stable", "rod", "central", "inertial", "inertial_stable")
+FLOW_NAMES = FLOW_KINDS
 
 
 def _plt():

@@ -35,6 +35,16 @@ def tree_half_diff(a, b):
     return jax.tree.map(lambda x, y: 0.5 * (x - y), a, b)
 
 
+def tree_stack2(a, b):
+    """Two like-structured trees as one with a leading axis of 2 (for a ``vmap`` over both)."""
+    return jax.tree.map(lambda x, y: jnp.stack([x, y]), a, b)
+
+
+def tree_unstack2(t):
+    """Inverse of :func:`tree_stack2`."""
+    return jax.tree.map(lambda x: x[0], t), jax.tree.map(lambda x: x[1], t)
+
+
 def tree_vdot(a, b):
     leaves = jax.tree.map(lambda x, y: jnp.vdot(x, y, precision=_HI), a, b)
     return sum(jax.tree.leaves(leaves), jnp.zeros(()))

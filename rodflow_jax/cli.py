@@ -108,6 +108,8 @@ def _load(args):
 
 
 def _table(metrics) -> str:
+    from .flows import FLOW_KINDS
+
     rows = [f"{'model':15s} {'final loss':>11s} {'err final':>10s} {'err max':>10s} {'sharp/thr':>10s}  status"]
     d = metrics["discrete"]
     thr = metrics.get("threshold") or float("nan")
@@ -115,7 +117,7 @@ def _table(metrics) -> str:
     status = f"diverged at step {d['diverged_at']}" if d["diverged"] else "ok"
     s = d.get("sharpness_final")
     rows.append(f"{'discrete':15s} {fmt(d['final_loss'])} {fmt(None)} {fmt(None)} {fmt(s / thr if s else None)}  {status}")
-    for m in ("stable", "rod", "central", "inertial_stable", "inertial"):
+    for m in FLOW_KINDS:
         if m not in metrics:
             continue
         e = metrics[m]

@@ -56,6 +56,15 @@ class AbstractFlow(eqx.Module):
     def slow(self, y) -> Slow:
         """The (unscaled) slow state."""
 
+    @property
+    def models_oscillation(self) -> bool:
+        """Whether the flow carries the oscillation itself (a rod: ``half_norm`` is its |r|)."""
+        return False
+
+    def half_norm(self, y) -> jax.Array:
+        """|r| in parameter space, the predicted oscillation amplitude (0 without a rod)."""
+        return jnp.zeros(())
+
     def scaled(self, slow: Slow) -> Slow:
         return _apply(slow, self.scale, jnp.divide)
 

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from .._errors import InputError
-from .._tree import tree_add, tree_mean2, tree_norm, tree_sub, tree_zeros_like
+from .._tree import tree_add, tree_mean2, tree_norm, tree_stack2, tree_sub, tree_unstack2, tree_zeros_like
 from ..optimizers import AbstractOptimizer, Phase, Slow
 from ._base import AbstractFlow, slow_scale
 
@@ -52,10 +52,6 @@ class InertialState(NamedTuple):
     centre_velocity: object  # u_c
     half_velocity: object  # u_rho
     slow: Slow  # scaled by the flow's ``scale``
-
-
-def _tmap(f, *trees):
-    return jax.tree.map(f, *trees)
 
 
 def check_inertial(optimizer: AbstractOptimizer) -> None:
@@ -74,6 +70,10 @@ class InertialRodFlow(AbstractFlow):
 
     rod: bool = eqx.field(static=True, default=True)
 
+    @property
+    def models_oscillation(self) -> bool:
+        return self.rod
+
     def _velocity_step(self, w, v, slow):
         """``(V', new slow)``: one optimizer step from ``w`` arriving with velocity ``v``."""
         opt = self.optimizer
@@ -91,21 +91,21 @@ class InertialRodFlow(AbstractFlow):
             new_uc, new_slow = self._velocity_step(y.centre, y.centre_velocity, slow)
             return new_uc, tree_zeros_like(y.half_velocity), new_slow
         c, rho, uc, ur = y.centre, y.half, y.centre_velocity, y.half_velocity
-        spread = _tmap(lambda r, u: 2.0 * r - u, rho, ur)
-        ends = _tmap(lambda a, b: jnp.stack([a, b]), tree_add(c, rho), tree_sub(c, rho))
-        vels = _tmap(lambda a, b: jnp.stack([a, b]), tree_add(uc, spread), tree_sub(uc, spread))
+        spread = jax.tree.map(lambda r, u: 2.0 * r - u, rho, ur)
+        ends = tree_stack2(tree_add(c, rho), tree_sub(c, rho))
+        vels = tree_stack2(tree_add(uc, spread), tree_sub(uc, spread))
         new_v, new_slows = jax.vmap(lambda w, v: self._velocity_step(w, v, slow))(ends, vels)
-        plus, minus = _tmap(lambda x: x[0], new_v), _tmap(lambda x: x[1], new_v)
-        new_ur = _tmap(lambda r, a, b: -2.0 * r - 0.5 * (a - b), rho, plus, minus)
-        new_slow = _tmap(lambda x: jnp.mean(x, axis=0), new_slows)
+        plus, minus = tree_unstack2(new_v)
+        new_ur = jax.tree.map(lambda r, a, b: -2.0 * r - 0.5 * (a - b), rho, plus, minus)
+        new_slow = jax.tree.map(lambda x: jnp.mean(x, axis=0), new_slows)
         return tree_mean2(plus, minus), new_ur, new_slow
 
     def vector_field(self, t, y: InertialState, args) -> InertialState:
         beta = self.optimizer.momentum_decay()
         kappa = -jnp.log(beta) / (1.0 - beta)
         new_uc, new_ur, new_slow = self.velocity_map(y)
-        d_uc = _tmap(lambda n, u: kappa * (n - u), new_uc, y.centre_velocity)
-        d_ur = _tmap(lambda n, u: kappa * (n - u), new_ur, y.half_velocity)
+        d_uc = jax.tree.map(lambda n, u: kappa * (n - u), new_uc, y.centre_velocity)
+        d_ur = jax.tree.map(lambda n, u: kappa * (n - u), new_ur, y.half_velocity)
         d_slow = self.scaled(tree_sub(new_slow, self.unscaled(y.slow)))
         return InertialState(y.centre_velocity, y.half_velocity, d_uc, d_ur, d_slow)
 
@@ -128,7 +128,7 @@ class InertialRodFlow(AbstractFlow):
 
 def _three_point(a, b, c):
     """``d/dt`` at the first of three unit-spaced samples, to second order."""
-    return _tmap(lambda x, y, z: 0.5 * (-3.0 * x + 4.0 * y - z), a, b, c)
+    return jax.tree.map(lambda x, y, z: 0.5 * (-3.0 * x + 4.0 * y - z), a, b, c)
 
 
 def inertial_flow(
@@ -149,7 +149,7 @@ def inertial_flow(
     z3, _ = optimizer.step(z2, s2, grad(z2.params))
     w = [z.params for z in (z0, z1, z2, z3)]
     centres = [tree_mean2(w[j], w[j + 1]) for j in range(3)]
-    halves = [_tmap(lambda a, b: sign * 0.5 * (b - a), w[j], w[j + 1]) for j, sign in zip(range(3), (1.0, -1.0, 1.0))]
+    halves = [jax.tree.map(lambda a, b: sign * 0.5 * (b - a), w[j], w[j + 1]) for j, sign in zip(range(3), (1.0, -1.0, 1.0))]
     uc = _three_point(*centres)
     if rod:
         rho, ur = halves[0], _three_point(*halves)

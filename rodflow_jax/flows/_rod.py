@@ -33,7 +33,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._tree import tree_add, tree_half_diff, tree_mean2, tree_norm, tree_sub
+from .._tree import tree_add, tree_half_diff, tree_mean2, tree_norm, tree_stack2, tree_sub, tree_unstack2
 from ..optimizers import AbstractOptimizer, Phase, Slow
 from ._base import AbstractFlow, slow_scale
 
@@ -46,18 +46,14 @@ class RodState(NamedTuple):
     slow: Slow  # scaled by the flow's ``scale``
 
 
-def _stack(a, b):
-    return jax.tree.map(lambda x, y: jnp.stack([x, y]), a, b)
-
-
-def _unstack(t):
-    return jax.tree.map(lambda x: x[0], t), jax.tree.map(lambda x: x[1], t)
-
-
 class RodFlow(AbstractFlow):
     """Rod flow of ``optimizer`` on ``loss_fn``; see the module docstring for the equations."""
 
     exact_slow_feed: bool = eqx.field(static=True, default=True)
+
+    @property
+    def models_oscillation(self) -> bool:
+        return True
 
     def endpoints(self, y: RodState) -> tuple[Phase, Phase]:
         return tree_add(y.centre, y.half), tree_sub(y.centre, y.half)
@@ -65,7 +61,7 @@ class RodFlow(AbstractFlow):
     def vector_field(self, t, y: RodState, args) -> RodState:
         opt = self.optimizer
         slow = self.unscaled(y.slow)
-        ends = _stack(*self.endpoints(y))
+        ends = tree_stack2(*self.endpoints(y))
         grads = jax.vmap(lambda z: self.grad(z.params))(ends)
         new_slows = jax.vmap(lambda g: opt.slow_map(slow, g))(grads)
         mean_slow = jax.tree.map(lambda x: jnp.mean(x, axis=0), new_slows)
@@ -73,7 +69,7 @@ class RodFlow(AbstractFlow):
             a = opt.slow_alternation()
             new_slows = jax.tree.map(lambda x, m: m + a * (x - m), new_slows, mean_slow)
         moved = jax.vmap(lambda z, g, s1: opt.fast_map(z, g, slow, s1))(ends, grads, new_slows)
-        plus, minus = _unstack(moved)
+        plus, minus = tree_unstack2(moved)
         d_centre = tree_sub(tree_mean2(plus, minus), y.centre)
         d_half = jax.tree.map(lambda a, b, r: -0.5 * (a - b) - r, plus, minus, y.half)
         d_slow = self.scaled(tree_sub(mean_slow, slow))
