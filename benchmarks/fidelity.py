@@ -170,7 +170,7 @@ def summarise(problem, name, hp, cmp, start_kind, wall, osc):
         row[f"{flow}_failed_at"] = e.get("failed_at") if e.get("failed") else None
         row[f"{flow}_message"] = e.get("message") or None
         row[f"{flow}_solver_steps"] = e.get("solver_steps")
-        row[f"{flow}_wall_s"] = m.get("timings_s", {}).get(flow)
+        row[f"{flow}_wall_s"] = cmp.timings.get(flow)
     row["discrete_mean_loss"] = ref_mean
     row["rod_amplitude"] = _window_mean(t.get("rod_half_norm", nan), late)
     row["amplitude_ratio"] = _ratio(row["rod_amplitude"], row["discrete_amplitude"])
@@ -197,7 +197,7 @@ def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "p
     come after the default start). Returns ``(rows, {start: Comparison})``."""
     loss_fn, params0 = problem.make(0)
     opt, hp = make_cell_optimizer(problem, name, overrides)
-    if opt.momentum_decay() is None:  # the inertial flows exist for the momentum methods only
+    if rf.FLOWS["inertial"].supports(opt) is not None:  # the inertial flows exist for the momentum methods only
         models = [m for m in models if not m.startswith("inertial")]
     steps = steps or problem.default_steps
     kw = dict(probe_every=probe_every or max(1, steps // 50), progress=progress)

@@ -1,27 +1,112 @@
-"""The real optimizer: ``lax.scan`` over steps, in chunks so long runs show progress."""
+r"""The real optimizer: one ``lax.scan`` kernel with divergence freezing and a save mask.
+
+:func:`rollout_chunk` is the kernel every driver uses (compare and sweep call it in chunks,
+vmapped over configurations; hypergradients differentiate it). Per step ``k`` it records
+
+* ``loss``: ``L(z_k)``, NaN once the configuration has diverged;
+* ``half``: ``|z_{k+1} - z_k| / 2`` in parameter space, the drift-inclusive half step;
+* ``amplitude``: ``|z_{k+1} - 2 z_k + z_{k-1}| / 4``, the *drift-free* half amplitude of a
+  period-2 oscillation (the smooth drift cancels in the second difference), which is what a
+  rod's ``|r|`` models;
+
+and keeps the phase and slow state where the save mask is set. A configuration whose loss or
+state stops being finite, or whose loss exceeds ``BLOWUP * (1 + |L(z_0)|)``, is *frozen* from
+that step on (``where``), so NaNs never enter the arithmetic of the others in a batch.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._tree import tree_all_finite
+from ._tree import tree_all_finite, tree_norm, tree_sub, tree_where
 from .optimizers import AbstractOptimizer, Phase, Slow
+
+BLOWUP = 1e6  # a loss above BLOWUP * (1 + |L(z_0)|) counts as diverged
+
+
+class Carry(eqx.Module):
+    """The scan's state between chunks."""
+
+    phase: Phase
+    slow: Slow
+    prev: Any  # params one step before ``phase`` (for the drift-free amplitude)
+    alive: jax.Array
+    diverged_at: jax.Array  # -1 while alive
+    limit: jax.Array
+
+
+class Chunk(NamedTuple):
+    """Per-step records of one chunk (leading axis: the chunk's steps)."""
+
+    loss: jax.Array
+    half: jax.Array
+    amplitude: jax.Array
+    saved: Any  # (Phase, Slow) at every step of the chunk (zeros where not saved), or None
+
+
+def init_carry(optimizer: AbstractOptimizer, loss_fn, params0) -> Carry:
+    phase, slow = optimizer.init(params0)
+    limit = BLOWUP * (1.0 + jnp.abs(loss_fn(params0)))
+    return Carry(phase, slow, params0, jnp.ones((), bool), jnp.full((), -1), limit)
+
+
+def rollout_chunk(optimizer: AbstractOptimizer, loss_fn, carry: Carry, ks, num_steps: int, save_mask=None):
+    """Steps ``ks`` (consecutive integers) of one configuration: pure, vmappable, differentiable.
+
+    ``L(z_k)`` is recorded for ``k <= num_steps``; the state advances while ``k < num_steps``.
+    ``save_mask`` (bool per step, or ``None`` for no saved states) marks the ``z_k`` kept.
+    """
+    vg = jax.value_and_grad(loss_fn)
+    masks = jnp.zeros(ks.shape, bool) if save_mask is None else save_mask
+
+    def body(c: Carry, x):
+        k, save = x
+        loss, g = vg(c.phase.params)
+        finite = jnp.isfinite(loss) & (jnp.abs(loss) < c.limit) & tree_all_finite(c.phase)
+        record = k <= num_steps
+        alive = c.alive & (finite | ~record)
+        new_phase, new_slow = optimizer.step(c.phase, c.slow, g)
+        move = alive & (k < num_steps)
+        step = tree_sub(new_phase.params, c.phase.params)
+        half = 0.5 * tree_norm(step)
+        second = tree_sub(step, tree_sub(c.phase.params, c.prev))
+        amp = jnp.where(k > 0, 0.25 * tree_norm(second), jnp.nan)
+        nan = jnp.full_like(half, jnp.nan)
+        out = Chunk(
+            jnp.where(alive & record, loss, jnp.nan),
+            jnp.where(move, half, nan),
+            jnp.where(move, amp, nan),
+            None if save_mask is None else tree_where(save, (c.phase, c.slow), jax.tree.map(jnp.zeros_like, (c.phase, c.slow))),
+        )
+        c2 = Carry(
+            tree_where(move, new_phase, c.phase),
+            tree_where(move, new_slow, c.slow),
+            tree_where(move, c.phase.params, c.prev),
+            alive,
+            jnp.where(c.alive & ~alive, k.astype(c.diverged_at.dtype), c.diverged_at),
+            c.limit,
+        )
+        return c2, out
+
+    return jax.lax.scan(body, carry, (ks, masks))
 
 
 class DiscreteRun(NamedTuple):
     """A discrete run of ``num_steps`` steps (states ``z_0 .. z_num_steps``)."""
 
-    loss: np.ndarray  # (num_steps + 1,) L(z_k); NaN from the first non-finite step on
+    loss: np.ndarray  # (num_steps + 1,) L(z_k); NaN from the first diverged step on
     saved_steps: np.ndarray  # (m,) the steps k whose state was kept
     phase: Phase  # leaves with leading axis (m,): z_k at ``saved_steps``
     slow: Slow  # leaves with leading axis (m,): s_k at ``saved_steps``
     diverged: bool
-    diverged_at: int | None  # first step k whose loss or state is not finite
+    diverged_at: int | None  # first step k whose loss or state is not finite (or exploded)
+    half: np.ndarray | None = None  # (num_steps,) |z_{k+1} - z_k|/2
+    amplitude: np.ndarray | None = None  # (num_steps,) |z_{k+1} - 2 z_k + z_{k-1}|/4 (NaN at 0)
 
     def state_at(self, k: int) -> tuple[Phase, Slow]:
         """``(z_k, s_k)`` for a saved step ``k``, as JAX arrays."""
@@ -37,7 +122,7 @@ class DiscreteRun(NamedTuple):
 
 def states_at(optimizer: AbstractOptimizer, loss_fn, params0, K: int):
     """``(z_K, s_K, z_{K+1}, s_{K+1})`` by a ``lax.scan`` of K steps: pure, so it can be jitted,
-    vmapped over configurations and differentiated (sweeps, hypergradients)."""
+    vmapped over configurations and differentiated (hypergradients)."""
     grad = jax.grad(loss_fn)
 
     def body(state, _):
@@ -50,22 +135,6 @@ def states_at(optimizer: AbstractOptimizer, loss_fn, params0, K: int):
     return zK, sK, z1, s1
 
 
-@eqx.filter_jit
-def _chunk(optimizer: AbstractOptimizer, loss_fn, phase, slow, save_mask):
-    """Run ``len(save_mask)`` steps; return losses, finiteness, and states where ``save_mask``."""
-    vg = jax.value_and_grad(loss_fn)
-
-    def body(carry, save):
-        phase, slow = carry
-        loss, g = vg(phase.params)
-        finite = jnp.isfinite(loss) & tree_all_finite(phase)
-        new_phase, new_slow = optimizer.step(phase, slow, g)
-        kept = jax.tree.map(lambda x: jnp.where(save, x, jnp.zeros_like(x)), (phase, slow))
-        return (new_phase, new_slow), (loss, finite, kept)
-
-    return jax.lax.scan(body, (phase, slow), save_mask)
-
-
 def run_discrete(
     optimizer: AbstractOptimizer,
     loss_fn,
@@ -76,43 +145,20 @@ def run_discrete(
     chunk_size: int = 64,
     progress: bool = False,
 ) -> DiscreteRun:
-    """Run the optimizer for ``num_steps`` steps from ``params0``.
+    """Run the optimizer for ``num_steps`` steps from ``params0`` (a batch of one of
+    :func:`rodflow_jax.experiments.rollout_batch`).
 
     Records ``L(z_k)`` for ``k = 0 .. num_steps`` and the phase and slow state at
-    ``save_steps`` (default: every step; pass a sparse list for a large model, whose every
-    parameter vector need not be held). Divergence (a non-finite loss or state) is recorded as
-    ``diverged_at`` = the first such step, never raised.
+    ``save_steps`` (default: every step; pass a sparse list for a large model). Divergence (a
+    non-finite or exploding loss, a non-finite state) is recorded as ``diverged_at`` = the
+    first such step, never raised.
     """
-    phase, slow = optimizer.init(params0)
-    total = num_steps + 1  # the loss at z_num_steps too
-    all_steps = np.arange(total)
-    save_steps = all_steps if save_steps is None else np.unique(np.asarray(save_steps, int))
-    save_steps = save_steps[(save_steps >= 0) & (save_steps < total)]
-    n_chunks = -(-total // chunk_size)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from .experiments._engine import rollout_batch
 
-        bar = tqdm(total=total, desc=f"discrete {optimizer.name}", unit="step", leave=False)
-    losses, finite, kept = [], [], []
-    for c in range(n_chunks):
-        # every chunk has the same length (one compilation); the tail past ``total`` is dropped
-        steps = np.arange(c * chunk_size, (c + 1) * chunk_size)
-        mask = np.isin(steps, save_steps)
-        (phase, slow), (l, f, s) = _chunk(optimizer, loss_fn, phase, slow, jnp.asarray(mask))
-        valid = steps < total
-        losses.append(np.asarray(l)[valid])
-        finite.append(np.asarray(f)[valid])
-        idx = np.nonzero(mask & valid)[0]
-        kept.append(jax.tree.map(lambda x: np.asarray(x)[idx], s))
-        if bar is not None:
-            bar.update(int(valid.sum()))
-    if bar is not None:
-        bar.close()
-    loss = np.concatenate(losses)
-    ok = np.concatenate(finite)
-    diverged_at = None if ok.all() else int(np.argmin(ok))
-    if diverged_at is not None:
-        loss[diverged_at:] = np.nan
-    kept_phase, kept_slow = jax.tree.map(lambda *x: np.concatenate(x), *kept)
-    return DiscreteRun(loss, save_steps, kept_phase, kept_slow, diverged_at is not None, diverged_at)
+    batch = jax.tree.map(lambda x: jnp.asarray(x)[None], (optimizer, params0))
+    r = rollout_batch(*batch, loss_fn, num_steps, save_steps, chunk_size=chunk_size, progress=progress,
+                      desc=f"discrete {optimizer.name}")
+    phase, slow = jax.tree.map(lambda x: x[0], r.saved)
+    div = int(r.diverged_at[0])
+    return DiscreteRun(r.loss[0], r.saved_steps, phase, slow, div >= 0, div if div >= 0 else None,
+                       r.half[0], r.amplitude[0])

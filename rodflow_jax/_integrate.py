@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._tree import tree_all_finite, tree_norm
 from .flows import AbstractFlow, StableFlow
+from .optimizers import AbstractAdaptiveOptimizer
 
 
 class SolverConfig(eqx.Module):
@@ -42,8 +44,81 @@ def default_solver(flow: AbstractFlow, dtype) -> SolverConfig:
     """
     double = jnp.dtype(dtype) == jnp.float64
     rtol, atol = (1e-7, 1e-9) if double else (1e-5, 1e-7)
-    stiff = isinstance(flow, StableFlow) and flow.optimizer.threshold_quantity != "sharpness"
+    stiff = isinstance(flow, StableFlow) and isinstance(flow.optimizer, AbstractAdaptiveOptimizer)
     return SolverConfig(diffrax.Tsit5(), rtol, atol, 128 if stiff else 64)
+
+
+class Solution(NamedTuple):
+    """What :func:`solve` returns: pure arrays, so it vmaps and differentiates."""
+
+    loss: jax.Array  # (n,) predicted time-averaged loss at ``ts``
+    half_norm: jax.Array  # (n,) |r| at ``ts`` (0 for a flow without a rod)
+    centre: Any  # centre params at ``param_ts`` (leading axis m)
+    slow: Any  # slow state at ``param_ts``
+    variance: jax.Array  # (m,) the flow's predicted oscillation variance at ``param_ts``
+    result: jax.Array  # diffrax's result code
+    num_steps: jax.Array
+    num_rejected_steps: jax.Array
+
+
+def solve(flow: AbstractFlow, y0, ts, param_ts, config: SolverConfig, *, stop_at=None, adjoint=None,
+          progress: bool = False) -> Solution:
+    """The one diffeqsolve every driver uses: from ``ts[0]`` to ``ts[-1]`` (time in optimizer
+    steps), saving the predicted loss and |r| at ``ts`` and the centre, slow state and predicted
+    variance at ``param_ts``.
+
+    Pure (no host syncs): jit, vmap and (with ``adjoint``, default diffrax's
+    ``RecursiveCheckpointAdjoint``) differentiate it. ``stop_at`` (a time, traced) stops the
+    solve there by an event (a sweep stops each configuration where its discrete run diverged);
+    an event also stops a state that blows up (norm above ``1e6 (1 + |y0|)``) or stops being
+    finite, so it does not burn the step budget. Saved times past the stop are non-finite.
+    """
+
+    def save_scalar(t, y, args):
+        return flow.predicted_loss(y), flow.half_norm(y)
+
+    def save_state(t, y, args):
+        return flow.centre(y).params, flow.slow(y), flow.predicted_variance(y)
+
+    saveat = diffrax.SaveAt(
+        subs=[diffrax.SubSaveAt(ts=ts, fn=save_scalar), diffrax.SubSaveAt(ts=param_ts, fn=save_state)]
+    )
+    bound = 1e6 * (1.0 + tree_norm(y0))
+    stop = jnp.asarray(jnp.inf if stop_at is None else stop_at, ts.dtype)
+
+    def halt(t, y, args, **kw):
+        return (~(tree_all_finite(y) & (tree_norm(y) < bound))) | (t >= stop)
+
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(flow.vector_field),
+        config.solver,
+        t0=ts[0],
+        t1=ts[-1],
+        dt0=None,
+        y0=y0,
+        saveat=saveat,
+        stepsize_controller=diffrax.PIDController(rtol=config.rtol, atol=config.atol),
+        max_steps=config.max_steps(int(ts.shape[0]) - 1),
+        throw=False,
+        event=diffrax.Event(halt),
+        adjoint=adjoint if adjoint is not None else diffrax.RecursiveCheckpointAdjoint(),
+        progress_meter=diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter(),
+    )
+    (loss, hn), (centre, slow, var) = sol.ys
+    return Solution(loss, hn, centre, slow, var, sol.result._value, sol.stats["num_steps"],
+                    sol.stats["num_rejected_steps"])
+
+
+def result_message(code: int) -> str:
+    """diffrax's result code as a word (``""`` for success)."""
+    for name in ("successful", "max_steps_reached", "event_occurred", "dt_min_reached", "singular", "breakdown",
+                 "nonfinite"):
+        member = getattr(diffrax.RESULTS, name, None)
+        if member is not None and int(member._value) == int(code):
+            if name == "event_occurred":
+                return "blew up (state norm above 1e6 (1 + |y0|), or not finite)"
+            return "" if name == "successful" else name
+    return "solver failure"
 
 
 class FlowRun(NamedTuple):
@@ -63,34 +138,8 @@ class FlowRun(NamedTuple):
 
 
 @eqx.filter_jit
-def _solve(flow, y0, t0, t1, ts, param_ts, config: SolverConfig, max_steps: int, progress: bool, event=None):
-    """One diffrax solve; ``event`` (optional ``diffrax.Event``) may stop it early (sweeps use
-    one to stop a blown-up configuration instead of letting it exhaust the step budget)."""
-
-    def save_scalar(t, y, args):
-        hn = flow.half_norm(y)
-        return flow.predicted_loss(y), hn
-
-    def save_state(t, y, args):
-        return flow.centre(y).params, flow.slow(y)
-
-    saveat = diffrax.SaveAt(
-        subs=[diffrax.SubSaveAt(ts=ts, fn=save_scalar), diffrax.SubSaveAt(ts=param_ts, fn=save_state)]
-    )
-    return diffrax.diffeqsolve(
-        diffrax.ODETerm(flow.vector_field),
-        config.solver,
-        t0=t0,
-        t1=t1,
-        dt0=None,
-        y0=y0,
-        saveat=saveat,
-        stepsize_controller=diffrax.PIDController(rtol=config.rtol, atol=config.atol),
-        max_steps=max_steps,
-        throw=False,
-        event=event,
-        progress_meter=diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter(),
-    )
+def _solve_jit(flow, y0, ts, param_ts, config, progress):
+    return solve(flow, y0, ts, param_ts, config, progress=progress)
 
 
 def integrate(
@@ -116,31 +165,22 @@ def integrate(
     param_steps = steps if param_steps is None else np.asarray(param_steps)
     ts = jnp.asarray(steps, dtype)
     pts = jnp.asarray(param_steps, dtype)
-    sol = _solve(flow, y0, ts[0], ts[-1], ts, pts, config, config.max_steps(end_step - start_step), progress)
-    (loss, hn), (centre, slow) = sol.ys
-    loss = np.asarray(loss)
+    sol = _solve_jit(flow, y0, ts, pts, config, progress)
+    loss = np.asarray(sol.loss)
     finite = np.isfinite(loss)
-    ok = sol.result == diffrax.RESULTS.successful
+    ok = result_message(int(sol.result)) == ""
     failed = bool(not ok or not finite.all())
     failed_at = int(steps[np.argmin(finite)]) if not finite.all() else (int(steps[-1]) if failed else None)
     return FlowRun(
         steps=steps,
         loss=loss,
-        half_norm=np.asarray(hn) if flow.models_oscillation else None,
-        centre=jax.tree.map(np.asarray, centre),
+        half_norm=np.asarray(sol.half_norm) if flow.models_oscillation else None,
+        centre=jax.tree.map(np.asarray, sol.centre),
         param_steps=param_steps,
-        slow=jax.tree.map(np.asarray, slow),
+        slow=jax.tree.map(np.asarray, sol.slow),
         failed=failed,
         failed_at=failed_at,
-        message=_result_message(sol.result) if failed else "",
-        solver_steps=int(sol.stats["num_steps"]),
-        rejected_steps=int(sol.stats["num_rejected_steps"]),
+        message=(result_message(int(sol.result)) or "non-finite state") if failed else "",
+        solver_steps=int(sol.num_steps),
+        rejected_steps=int(sol.num_rejected_steps),
     )
-
-
-def _result_message(result) -> str:
-    for name in ("max_steps_reached", "dt_min_reached", "singular", "breakdown", "nonfinite"):
-        member = getattr(diffrax.RESULTS, name, None)
-        if member is not None and result == member:
-            return name
-    return "non-finite state" if result == diffrax.RESULTS.successful else "solver failure"

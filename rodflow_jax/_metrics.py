@@ -5,11 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 
-def discrete_midpoints(params_k: np.ndarray, params_k1: np.ndarray) -> np.ndarray:
-    """``mid_k = (z_k + z_{k+1}) / 2`` row by row."""
-    return 0.5 * (params_k + params_k1)
-
-
 def param_rel_error(pred: np.ndarray, mid: np.ndarray, mid_start: np.ndarray) -> np.ndarray:
     """``||pred_k - mid_k|| / ||mid_k - mid_K||`` for each row k (NaN where the denominator is 0)."""
     with np.errstate(all="ignore"):  # diverged rows are inf/NaN and stay so
@@ -57,26 +52,53 @@ def windowed_log_loss_error(pred: np.ndarray, ref: np.ndarray, window: int = 50)
     return float(np.mean(np.abs(np.log(p[ok]) - np.log(r[ok]))))
 
 
-def eos_onset_step(steps: np.ndarray, ratio: np.ndarray, level: float = 0.95) -> int | None:
-    """First probed step at which sharpness/threshold rises to ``level``, or None.
+def first_upcrossing(steps: np.ndarray, ratio: np.ndarray, level: float) -> int | None:
+    """First probed step at which ``ratio`` rises to ``level``, or None.
 
     A run that *starts* at or above ``level`` (Adam-type methods do in their first steps, where
     the second moment holds a single gradient; GD does from a sharp initialisation) counts from
-    its first return below it: the onset is the first upward crossing after that.
+    its first return below it; if it never returns below, the onset is its first probed step.
     """
     ratio = np.asarray(ratio, float)
-    below = np.nonzero(ratio < level)[0]
-    if below.size == 0:
+    ok = np.isfinite(ratio)
+    if not ok.any():
         return None
-    hit = np.nonzero(ratio[below[0] :] >= level)[0]
+    below = np.nonzero(ok & (ratio < level))[0]
+    if below.size == 0:
+        return int(np.asarray(steps)[np.nonzero(ok)[0][0]])
+    hit = np.nonzero(ratio[below[0]:] >= level)[0]
     return int(steps[below[0] + hit[0]]) if hit.size else None
 
 
-def eos_fraction(steps: np.ndarray, ratio: np.ndarray, level: float = 0.9) -> float | None:
-    """Fraction of probed steps at which sharpness/threshold >= ``level``."""
+def eos_onset_step(steps: np.ndarray, ratio: np.ndarray, level: float = 0.95) -> int | None:
+    """The edge-of-stability onset: the first probed step with sharpness/threshold >= ``level``
+    (95 %), by :func:`first_upcrossing`'s rule."""
+    return first_upcrossing(steps, ratio, level)
+
+
+def eos_fraction(steps: np.ndarray, ratio: np.ndarray, level: float = 0.9, onset_level: float = 0.95) -> float:
+    """Share of the probes from the onset on at which sharpness/threshold >= ``level``; 0 for a run
+    that never reaches the onset (a run held at 0.9 of the threshold is not at the edge)."""
     ratio = np.asarray(ratio, float)
-    ok = np.isfinite(ratio)
-    return float(np.mean(ratio[ok] >= level)) if ok.any() else None
+    onset = eos_onset_step(steps, ratio, onset_level)
+    if onset is None:
+        return 0.0
+    after = (np.asarray(steps) >= onset) & np.isfinite(ratio)
+    return float(np.mean(ratio[after] >= level)) if after.any() else 0.0
+
+
+def mean_last(x: np.ndarray, fraction: float = 0.2) -> float | None:
+    """Mean of the last ``fraction`` of ``x`` (at least one entry); None if any is not finite."""
+    x = np.asarray(x, float)
+    if x.size == 0:
+        return None
+    w = x[-max(1, int(round(x.size * fraction))):]
+    return float(np.mean(w)) if np.all(np.isfinite(w)) else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``, None where either is missing or ``b`` is 0."""
+    return a / b if a is not None and b else None
 
 
 def moving_average(x: np.ndarray, window: int = 5) -> np.ndarray:

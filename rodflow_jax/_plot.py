@@ -31,35 +31,68 @@ def _plt():
 def _title(metrics) -> str:
     opt = metrics["optimizer"]
     hp = ", ".join(f"{k}={v:g}" for k, v in opt.items() if k != "name" and isinstance(v, (int, float)))
-    return f"{metrics.get('problem', '')} {opt['name']} ({hp})".strip()
+    return f"{metrics.get('problem', '')}: {opt['name']} ({hp})".strip(": ")
+
+
+def loss_scale(ax, *series) -> None:
+    """Log axis only for a positive loss; symlog (linear around 0) for one that goes negative."""
+    vals = np.concatenate([np.asarray(x, float).ravel() for x in series])
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0 or vals.min() > 0:
+        ax.set_yscale("log")
+        return
+    pos = np.abs(vals[vals != 0])
+    ax.set_yscale("symlog", linthresh=float(np.percentile(pos, 10)) if pos.size else 1.0)
+
+
+def _mark_divergence(ax, metrics) -> None:
+    d = metrics.get("discrete", {})
+    if d.get("diverged"):
+        ax.axvline(d["diverged_at"], color="red", lw=1.0, ls=":", label=f"discrete diverged at step {d['diverged_at']}")
 
 
 def _loss_panel(ax, traj, metrics):
     step = traj["step"]
     ax.plot(step, traj["discrete_loss"], color=COLORS["discrete"], lw=0.6, alpha=0.5, label="discrete L(z_k)")
     ax.plot(step, traj["discrete_avg_loss"], color=COLORS["discrete"], lw=1.2, label="discrete (L_k+L_k+1)/2")
+    shown = [traj["discrete_loss"]]
     for m in FLOW_NAMES:
         if f"{m}_loss" in traj:
             ax.plot(step, traj[f"{m}_loss"], color=COLORS[m], lw=1.2, label=f"{m} flow")
-    ax.set_yscale("log")
+            shown.append(traj[f"{m}_loss"])
+    loss_scale(ax, *shown)
+    _mark_divergence(ax, metrics)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend(fontsize=7)
 
 
+def _threshold_moves(traj) -> bool:
+    t = np.asarray(traj.get("discrete_threshold", []), float)
+    t = t[np.isfinite(t)]
+    return t.size > 1 and t.max() > 1.01 * t.min()
+
+
 def _sharpness_panel(ax, traj, metrics):
+    """Sharpness against the threshold; as sharpness/threshold (log axis) where the threshold moves."""
+    as_ratio = _threshold_moves(traj)
     for m in ("discrete", *FLOW_NAMES):
         if f"{m}_sharpness" in traj and len(traj[f"{m}_sharpness_step"]):
-            s = np.asarray(traj[f"{m}_sharpness"])
-            ax.plot(traj[f"{m}_sharpness_step"], s[:, 0], color=COLORS[m], lw=1.2, label=m)
-    if len(traj.get("discrete_sharpness_step", [])):
-        ax.plot(traj["discrete_sharpness_step"], traj["discrete_threshold"], "k--", lw=1, label="threshold")
-    ax.set_xlabel("step")
+            s = np.asarray(traj[f"{m}_sharpness"], float)[:, 0]
+            y = s / np.asarray(traj[f"{m}_threshold"], float) if as_ratio else s
+            ax.plot(traj[f"{m}_sharpness_step"], y, color=COLORS[m], lw=1.2, label=m)
     q = metrics.get("threshold_quantity", "sharpness")
-    ax.set_ylabel(q)
+    if as_ratio:
+        ax.axhline(1.0, color="k", ls="--", lw=1, label="threshold")
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{q} / threshold")
+    else:
+        if len(traj.get("discrete_sharpness_step", [])):
+            ax.plot(traj["discrete_sharpness_step"], traj["discrete_threshold"], "k--", lw=1, label="threshold")
+        ax.set_ylabel(q)
+    _mark_divergence(ax, metrics)
+    ax.set_xlabel("step")
     ax.legend(fontsize=7)
-
-
 def _error_panel(ax, traj, metrics):
     for m in FLOW_NAMES:
         key = f"{m}_param_error"
@@ -71,21 +104,23 @@ def _error_panel(ax, traj, metrics):
     ax.set_xlabel("step")
     ax.set_ylabel("||centre - mid_k|| / ||mid_k - mid_K||")
     ax.axvline(metrics["start_step"], color="0.7", lw=0.8)
+    _mark_divergence(ax, metrics)
     ax.legend(fontsize=7)
 
 
 PANELS = {"loss": _loss_panel, "sharpness": _sharpness_panel, "param_error": _error_panel}
 
 
-def plot_comparison(traj: dict, metrics: dict, out_dir: Path) -> list[Path]:
+def plot_comparison(traj: dict, metrics: dict, out_dir: Path, title: str | None = None) -> list[Path]:
     """Write ``loss.png``, ``sharpness.png``, ``param_error.png`` and ``summary.png``."""
     plt = _plt()
+    title = title or _title(metrics)
     out_dir = Path(out_dir)
     written = []
     for name, panel in PANELS.items():
         fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
         panel(ax, traj, metrics)
-        ax.set_title(_title(metrics), fontsize=9)
+        ax.set_title(title, fontsize=9)
         fig.tight_layout()
         fig.savefig(out_dir / f"{name}.png")
         plt.close(fig)
@@ -93,7 +128,7 @@ def plot_comparison(traj: dict, metrics: dict, out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=100)
     for ax, panel in zip(axes, PANELS.values()):
         panel(ax, traj, metrics)
-    fig.suptitle(_title(metrics), fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out_dir / "summary.png")
     plt.close(fig)

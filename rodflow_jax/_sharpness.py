@@ -15,9 +15,12 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from ._errors import InputError
-from .optimizers import AbstractOptimizer, Slow
+from ._tree import tree_all_finite, tree_where
+from .optimizers import AbstractAdaptiveOptimizer, AbstractOptimizer, Slow
 
-DENSE_MAX_PARAMS = 1500  # above this, "auto" uses Lanczos
+# "auto" uses the dense Hessian up to this size: it costs n HVPs per probe, where a warm-started
+# Lanczos probe costs 6-25 (benchmarks/sharpness.py), so dense pays off only for tiny models
+DENSE_MAX_PARAMS = 32
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -170,8 +173,119 @@ def optimizer_sharpness(
     sharpness/threshold is right from the first step.
     """
     p = None
-    if optimizer.threshold_quantity != "sharpness":
+    if isinstance(optimizer, AbstractAdaptiveOptimizer):
         g = jax.grad(loss_fn)(params)
         p = optimizer.preconditioner(optimizer.slow_map(slow, g))
     evals, vecs = _top_flat(loss_fn, params, k, method, p, num_iter, None, v0)
     return SharpnessProbe(evals, optimizer.threshold(slow), vecs)
+
+
+# --- probes along a trajectory: warm-started Lanczos with a residual stopping rule ------------
+def lanczos_adaptive(matvec, v0, max_iter: int, k: int = 1, tol: float = 1e-3, min_iter: int = 6):
+    """Lanczos (full reorthogonalisation) that stops once the top-``k`` Ritz pairs converge.
+
+    The residual of Ritz pair ``(theta_i, s_i)`` after ``j`` steps is ``|beta_j s_i[j]|``; the
+    loop stops when it is below ``tol * |theta_1|`` for all ``i <= k`` (the eigenvalue error is
+    then about ``residual^2 / gap``), after at least ``min_iter`` steps, at a breakdown, or at
+    ``max_iter``. Returns ``(eigenvalues (k,), flat eigenvectors (n, k), iterations)``.
+    """
+    n = v0.shape[0]
+    m = min(max_iter, n)
+    dtype = v0.dtype
+    k = min(k, m)
+    lo = min(max(min_iter, k), m)
+    tiny = jnp.finfo(dtype).eps * 10
+    idx = jnp.arange(m)
+
+    def ritz(alpha, beta, j):
+        """Top-k Ritz pairs of the leading (j+1) x (j+1) block (the rest padded below it)."""
+        on = idx <= j
+        big = 1.0 + 2.0 * (jnp.max(jnp.abs(jnp.where(on, alpha, 0.0))) + jnp.max(jnp.abs(beta)))
+        diag = jnp.where(on, alpha, jnp.min(jnp.where(on, alpha, jnp.inf)) - big)
+        off = jnp.where(idx[:-1] < j, beta[:-1], 0.0)
+        t = jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1)
+        evals, evecs = jnp.linalg.eigh(t)
+        return evals[::-1][:k], evecs[:, ::-1][:, :k]
+
+    def cond(c):
+        j, _, _, _, done = c
+        return (j < m) & ~done
+
+    def body(c):
+        j, basis, alpha, beta, _ = c
+        v = basis[j]
+        w = matvec(v)
+        a = jnp.dot(v, w, precision=_HI)
+        mask = (jnp.arange(m + 1) <= j).astype(dtype)[:, None]
+        for _ in range(2):
+            w = w - jnp.matmul((basis * mask).T, jnp.matmul(basis * mask, w, precision=_HI), precision=_HI)
+        b = jnp.linalg.norm(w)
+        ok = b > tiny * jnp.maximum(jnp.abs(a), 1.0)
+        basis = basis.at[j + 1].set(jnp.where(ok, w / jnp.where(ok, b, 1.0), 0.0))
+        alpha, beta = alpha.at[j].set(a), beta.at[j].set(jnp.where(ok, b, 0.0))
+        theta, s = ritz(alpha, beta, j)
+        res = jnp.abs(beta[j] * s[j])
+        converged = jnp.all(res <= tol * jnp.maximum(jnp.abs(theta[0]), tiny))
+        return j + 1, basis, alpha, beta, ~ok | ((j + 1 >= lo) & converged)
+
+    basis = jnp.zeros((m + 1, n), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
+    init = (jnp.zeros((), jnp.int32), basis, jnp.zeros(m, dtype), jnp.zeros(m, dtype), jnp.zeros((), bool))
+    j, basis, alpha, beta, _ = jax.lax.while_loop(cond, body, init)
+    theta, s = ritz(alpha, beta, j - 1)
+    return theta, jnp.matmul(basis[:m].T, s, precision=_HI), j
+
+
+def _probe_operator(optimizer: AbstractOptimizer, loss_fn, params, slow: Slow):
+    """``(f, x, P^-1/2 or None)`` for the quantity the optimizer's threshold is on."""
+    p = None
+    if isinstance(optimizer, AbstractAdaptiveOptimizer):
+        g = jax.grad(loss_fn)(params)
+        p = optimizer.preconditioner(optimizer.slow_map(slow, g))
+    return _flat_problem(loss_fn, params, p)
+
+
+class ProbeTrajectory(NamedTuple):
+    """Probes along a trajectory (leading axis: the probed states)."""
+
+    eigenvalues: jax.Array  # (m, k) top eigenvalues of H or P^-1/2 H P^-1/2; NaN where not finite
+    threshold: jax.Array  # (m,) the optimizer's threshold
+    hvps: jax.Array  # (m,) Hessian-vector products each probe took
+    vector: jax.Array  # (n,) the last warm start (to continue a chunked trajectory)
+
+
+def probe_trajectory(optimizer: AbstractOptimizer, loss_fn, params, slow: Slow, v0, *, k: int = 1,
+                     method: str = "lanczos", max_iter: int = 40, tol: float = 1e-3) -> ProbeTrajectory:
+    """The one probe loop: (preconditioned) sharpness at each of the stacked states ``params``,
+    ``slow`` (leading axis m), a ``lax.scan`` that warm-starts each Lanczos probe from the previous
+    probe's top eigenvectors (plus a little noise) and stops it by :func:`lanczos_adaptive`'s
+    residual rule. ``v0`` is a flat start vector. ``method="dense"`` takes ``eigh`` of the full
+    Hessian instead (n HVPs). A state that is not finite gives NaN and keeps the warm start.
+    Pure: jit and vmap it.
+    """
+    if method not in ("lanczos", "dense"):
+        raise InputError(f"unknown sharpness method '{method}'; choose auto, dense or lanczos")
+    key = jax.random.PRNGKey(1)
+
+    def one(v, state):
+        p, s = state
+        ok = tree_all_finite(p) & tree_all_finite(s)
+        p = tree_where(ok, p, jax.tree.map(jnp.zeros_like, p))
+        s = tree_where(ok, s, jax.tree.map(jnp.ones_like, s))
+        f, x, inv_sqrt = _probe_operator(optimizer, loss_fn, p, s)
+        if method == "dense":
+            evals, evecs = _dense_eigh(f, x, inv_sqrt)
+            evals, vecs, its = evals[::-1][:k], evecs[:, ::-1][:, :k], jnp.asarray(x.shape[0], jnp.int32)
+        else:
+            _, hvp = jax.linearize(jax.grad(f), x)
+            matvec = hvp if inv_sqrt is None else (lambda u: inv_sqrt * hvp(inv_sqrt * u))
+            noise = jax.random.normal(key, x.shape, x.dtype)
+            start = v / jnp.linalg.norm(v) + 1e-2 * noise / jnp.linalg.norm(noise)
+            evals, vecs, its = lanczos_adaptive(matvec, start, max_iter, k, tol)
+        warm = jnp.sum(vecs, axis=1)
+        good = ok & jnp.all(jnp.isfinite(warm)) & (jnp.linalg.norm(warm) > 0)
+        thr = optimizer.threshold(s)
+        nan = jnp.full_like(evals, jnp.nan)
+        return jnp.where(good, warm, v), (jnp.where(ok, evals, nan), jnp.where(ok, thr, jnp.nan), its)
+
+    v, (evals, thr, its) = jax.lax.scan(one, v0, (params, slow))
+    return ProbeTrajectory(evals, thr, its, v)

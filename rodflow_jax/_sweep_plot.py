@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._plot import COLORS, _plt
+from ._plot import COLORS, _plt, loss_scale
+from .flows import FLOW_KINDS
 
 
 def _x_name(records) -> str:
@@ -29,28 +30,39 @@ def _band(records, model, key, x_name):
     return np.asarray(xs), np.asarray(med), np.asarray(lo), np.asarray(hi)
 
 
-def plot_sweep(records, out_dir) -> list[Path]:
+def plot_sweep(records, out_dir, title: str = "") -> list[Path]:
     """``sweep_loss.png`` and ``sweep_sharpness.png``: one curve per model, seeds as bands."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     out_dir = Path(out_dir)
+    if not records[0]["hyperparameters"]:  # the problem's defaults alone: one point per seed
+        records = [{**r, "hyperparameters": {"seed": float(r["seed"])}} for r in records]
     x_name = _x_name(records)
-    models = [m for m in ("discrete", "stable", "rod") if m in records[0]]
+    models = [m for m in ("discrete", *FLOW_KINDS) if m in records[0]]
     written = []
     for key, fname, ylabel, log in (
         ("final_loss", "sweep_loss.png", "final loss", True),
         ("sharpness_ratio_final", "sweep_sharpness.png", "sharpness / threshold (final)", False),
     ):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        shown = []
         for m in models:
             xs, med, lo, hi = _band(records, m, key, x_name)
             ax.plot(xs, med, "o-", ms=3, color=COLORS[m], label=m)
             ax.fill_between(xs, lo, hi, color=COLORS[m], alpha=0.2, lw=0)
+            shown.append(med)
         if key == "sharpness_ratio_final":
-            ax.axhline(1.0, color="k", lw=0.6, ls="--")
-        if log and np.all(np.asarray([r["hyperparameters"][x_name] for r in records]) > 0):
+            ax.axhline(1.0, color="k", lw=0.6, ls="--", label="threshold")
+        x = np.asarray([r["hyperparameters"][x_name] for r in records], float)
+        if np.all(x > 0) and x.max() > 10 * x.min():
             ax.set_xscale("log")
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(6))
         if log:
-            ax.set_yscale("log")
+            loss_scale(ax, *shown)
+        ax.set_title(f"{title}: {ylabel} against {x_name}" if title else ylabel, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
         ax.set_xlabel(x_name)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)

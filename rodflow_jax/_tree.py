@@ -16,10 +16,6 @@ def tree_sub(a, b):
     return jax.tree.map(jnp.subtract, a, b)
 
 
-def tree_scale(a, s):
-    return jax.tree.map(lambda x: s * x, a)
-
-
 def tree_axpy(alpha, x, y):
     """``alpha * x + y``."""
     return jax.tree.map(lambda xi, yi: alpha * xi + yi, x, y)
@@ -55,7 +51,10 @@ def tree_sum_squares(a):
 
 
 def tree_norm(a):
-    return jnp.sqrt(tree_sum_squares(a))
+    """The Euclidean norm over all leaves, with a finite (zero) derivative at 0."""
+    ss = tree_sum_squares(a)
+    pos = ss > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, ss, 1.0)), 0.0)
 
 
 def tree_zeros_like(a):

@@ -1,11 +1,14 @@
-"""The ``rodflow`` command line: ``rodflow list``, ``compare``, ``sweep`` and ``hypergrad``."""
+"""The ``rodflow`` command line: ``list``, ``compare``, ``sweep`` and ``hypergrad``.
+
+It only parses and prints: every run is resolved and validated by :mod:`rodflow_jax.experiments`
+(the same code the Python API uses), and every output path is checked before any compute.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
+import math
 import sys
-from pathlib import Path
 
 from ._errors import InputError
 
@@ -18,156 +21,173 @@ class _Parser(argparse.ArgumentParser):
         raise InputError(message)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="rodflow", description="Rod flow, stable flow and the real optimizer at the edge of stability.")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    sub.add_parser("list", help="list built-in problems and optimizers")
-    c = sub.add_parser("compare", help="run discrete, stable and rod from one state and compare them")
-    c.add_argument("--problem", default=DEFAULT_PROBLEM, help="built-in name, or path/to/file.py:make")
-    c.add_argument("--optimizer", default=DEFAULT_OPTIMIZER)
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _common(numeric_hparams: bool) -> argparse.ArgumentParser:
+    """The flags every run command shares."""
+    c = _Parser(add_help=False)
+    c.add_argument("--problem", default=DEFAULT_PROBLEM, help="built-in name (rodflow list), or path/to/file.py:make")
+    c.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, help="one of the nine (rodflow list)")
     for name in HPARAM_FLAGS:
-        c.add_argument("--" + name.replace("_", "-"), dest=name, type=float, default=None)
+        c.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
+                       type=_float(name) if numeric_hparams else str,
+                       help="default: the problem's" if numeric_hparams else "A:B:N[:log] or v1,v2,... "
+                       "(default: the problem's)")
     c.add_argument("--steps", type=int, default=None, help="discrete steps (default: the problem's)")
     c.add_argument("--start-step", default="auto", help="step K the flows start from, or 'auto'")
-    c.add_argument("--models", default="discrete,stable,rod",
+    c.add_argument("--float64", action="store_true", help="run everything in double precision")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars or phase lines")
+    c.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
+    return c
+
+
+def _run_flags(p) -> None:
+    p.add_argument("--models", default="discrete,stable,rod",
                    help="comma list of discrete, stable, rod, central (gd and the rmsprops), "
                    "inertial, inertial_stable (heavy_ball and nesterov)")
+    p.add_argument("--probe-every", type=int, default=None, help="sharpness probe interval in steps (default N/50)")
+    p.add_argument("--top-k", type=int, default=1, help="how many top eigenvalues each probe records")
+    p.add_argument("--sharpness-method", default="auto", choices=("auto", "dense", "lanczos"),
+                   help="auto: warm-started Lanczos (dense eigh only for tiny models)")
+    p.add_argument("--central-k", type=int, default=2, help="central flow: number of critical directions")
+    p.add_argument("--central-lanczos", type=int, default=24, help="central flow: Lanczos steps per evaluation")
+    p.add_argument("--central-restoring", type=float, default=1.0, help="central flow: restoring rate kappa")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (after the new one is complete)")
+
+
+def _float(name):
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')} must be a number, got {text!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')} must be finite, got {text!r}")
+        return v
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = _Parser(prog="rodflow", description="Rod flow, stable flow and the real optimizer at the edge of stability.")
+    p.add_argument("--version", action="version", version=f"rodflow {__version__}")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    sub.add_parser("list", help="built-in problems with their default rates, and the optimizers")
+    c = sub.add_parser("compare", parents=[_common(True)], formatter_class=_Help,
+                       help="run discrete and flows from one state and compare them")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--probe-every", type=int, default=None, help="sharpness probe interval (steps)")
-    c.add_argument("--top-k", type=int, default=1, help="how many top eigenvalues each probe records")
-    c.add_argument("--sharpness-method", default="auto", choices=("auto", "dense", "lanczos"),
-                   help="dense Hessian (small models) or Lanczos on HVPs; auto picks by size")
-    c.add_argument("--float64", action="store_true", help="run everything in double precision")
     c.add_argument("--out", default=None, help="output folder (default runs/PROBLEM-OPTIMIZER)")
-    c.add_argument("--no-progress", action="store_true")
-    _add_sweep_parsers(sub)
+    _run_flags(c)
+    s = sub.add_parser("sweep", parents=[_common(False)], formatter_class=_Help,
+                       help="every (hyperparameter, seed) configuration in one vmapped call per model")
+    s.add_argument("--seeds", default="1", help="a count S (seeds 0..S-1) or a comma list of seeds")
+    s.add_argument("--devices", default="none", choices=("none", "all"), help="all: shard configurations over devices")
+    s.add_argument("--out", default=None, help="output folder (default runs/sweep-PROBLEM-OPTIMIZER)")
+    _run_flags(s)
+    h = sub.add_parser("hypergrad", parents=[_common(True)], formatter_class=_Help,
+                       help="derivative of a run's objective with respect to hyperparameters")
+    h.add_argument("--objective", default="final_loss", help="final_loss, mean_loss_last:K or final_sharpness")
+    h.add_argument("--model", default="rod", help="discrete or a flow (stable, rod, central, inertial, ...)")
+    h.add_argument("--wrt", default="learning_rate", help="comma list of hyperparameters, and/or params0")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--out", default=None, help="JSON file (default: print only)")
+    h.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p
 
 
-def _add_sweep_parsers(sub) -> None:
-    """``rodflow sweep`` and ``rodflow hypergrad`` (see ``_sweep.py`` and ``_hypergrad.py``)."""
-    s = sub.add_parser("sweep", help="every (hyperparameter, seed) configuration in one vmapped call per model")
-    s.add_argument("--problem", default=DEFAULT_PROBLEM, help="built-in name, or path/to/file.py:make")
-    s.add_argument("--optimizer", default=DEFAULT_OPTIMIZER)
-    for name in HPARAM_FLAGS:
-        s.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help="A:B:N[:log] or v1,v2,...")
-    s.add_argument("--seeds", default="1", help="a count S (seeds 0..S-1) or a comma list of seeds")
-    s.add_argument("--models", default="discrete,stable,rod")
-    s.add_argument("--steps", type=int, default=None)
-    s.add_argument("--start-step", default="auto")
-    s.add_argument("--probe-every", type=int, default=None)
-    s.add_argument("--devices", default="none", choices=("none", "all"), help="all: shard configurations over local devices")
-    s.add_argument("--float64", action="store_true")
-    s.add_argument("--out", default=None, help="output folder (default runs/sweep-PROBLEM-OPTIMIZER)")
-    s.add_argument("--no-progress", action="store_true")
-    h = sub.add_parser("hypergrad", help="derivative of a run's objective with respect to hyperparameters")
-    h.add_argument("--problem", default=DEFAULT_PROBLEM, help="built-in name, or path/to/file.py:make")
-    h.add_argument("--optimizer", default=DEFAULT_OPTIMIZER)
-    for name in HPARAM_FLAGS:
-        h.add_argument("--" + name.replace("_", "-"), dest=name, type=float, default=None)
-    h.add_argument("--steps", type=int, default=None)
-    h.add_argument("--objective", default="final_loss", help="final_loss, mean_loss_last:K or final_sharpness")
-    h.add_argument("--model", default="rod", choices=("discrete", "stable", "rod"))
-    h.add_argument("--wrt", default="learning_rate", help="comma list of hyperparameters, and/or params0")
-    h.add_argument("--start-step", default="auto")
-    h.add_argument("--seed", type=int, default=0)
-    h.add_argument("--float64", action="store_true")
-    h.add_argument("--out", default=None, help="JSON file (default: print only)")
+def _progress(args):
+    return False if args.no_progress else (True if args.progress else "auto")
 
 
 def _cmd_list() -> int:
     from .optimizers import OPTIMIZERS, hyperparameter_names
     from .problems import list_problems
 
-    print("problems:")
+    print("problems (default steps; default learning rate per optimizer; * = needs --float64 at that rate):")
     for prob in list_problems():
         print(f"  {prob.name:18s} {prob.description}")
-    print("optimizers:")
+        rates = []
+        for name in OPTIMIZERS:
+            lr = prob.learning_rates.get(name)
+            mark = "*" if name in prob.float64_only else ""
+            extra = "".join(f" {k}={v:g}" for k, v in prob.hyperparameters.get(name, {}).items())
+            rates.append(f"{name}={lr:g}{extra}{mark}")
+        print(f"  {'':18s} {prob.default_steps} steps; " + ", ".join(rates))
+    print("optimizers (hyperparameters, optax's names):")
     for name in OPTIMIZERS:
         print(f"  {name:18s} {', '.join(hyperparameter_names(name))}")
     return 0
 
 
-def _is_user_problem(spec: str) -> bool:
-    return ".py" in spec or os.sep in spec
+def _setup(args):
+    if args.float64:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    from .experiments import _signals
+
+    _signals.install()
 
 
-def _load(args):
-    """(problem label, loss_fn, params0, default steps, problem hyperparameters for the optimizer)."""
-    from .problems import get_problem, load_user_problem
-
-    if _is_user_problem(args.problem):
-        loss_fn, params0 = load_user_problem(args.problem, args.seed)
-        if args.learning_rate is None:
-            raise InputError("--learning-rate is required for a user problem")
-        return Path(args.problem.split(":")[0]).stem, loss_fn, params0, 500, {}
-    prob = get_problem(args.problem)
-    loss_fn, params0 = prob.make(args.seed)
-    hp = {"learning_rate": prob.learning_rates.get(args.optimizer), **prob.hyperparameters.get(args.optimizer, {})}
-    return prob.name, loss_fn, params0, prob.default_steps, hp
+def _fmt(x) -> str:
+    return f"{x:10.3g}" if isinstance(x, (int, float)) and not isinstance(x, bool) else f"{'-':>10s}"
 
 
 def _table(metrics) -> str:
     from .flows import FLOW_KINDS
 
-    rows = [f"{'model':15s} {'final loss':>11s} {'err final':>10s} {'err max':>10s} {'sharp/thr':>10s}  status"]
+    rows = [f"{'model':15s} {'final loss':>10s} {'err final':>10s} {'err max':>10s} {'sharp/thr':>10s}  status"]
     d = metrics["discrete"]
-    thr = metrics.get("threshold") or float("nan")
-    fmt = lambda x: f"{x:10.3g}" if isinstance(x, (int, float)) else f"{'-':>10s}"  # noqa: E731
-    status = f"diverged at step {d['diverged_at']}" if d["diverged"] else "ok"
-    s = d.get("sharpness_final")
-    rows.append(f"{'discrete':15s} {fmt(d['final_loss'])} {fmt(None)} {fmt(None)} {fmt(s / thr if s else None)}  {status}")
+    status = f"diverged at step {d['diverged_at']}" if d.get("diverged") else "ok"
+    rows.append(f"{'discrete':15s} {_fmt(d.get('final_loss'))} {_fmt(None)} {_fmt(None)} "
+                f"{_fmt(d.get('sharpness_ratio_final'))}  {status}")
     for m in FLOW_KINDS:
-        if m not in metrics:
+        e = metrics.get(m)
+        if e is None:
             continue
-        e = metrics[m]
-        st = f"failed at step {e['failed_at']} ({e.get('message', '')})" if e.get("failed") else "ok"
-        rows.append(
-            f"{m:15s} {fmt(None)} {fmt(e.get('param_rel_error_final'))} {fmt(e.get('param_rel_error_max'))} "
-            f"{fmt(e.get('sharpness_ratio_final'))}  {st}"
-        )
-    if metrics.get("error_ratio_final"):
-        rows.append(f"stable/rod error ratio: final {metrics['error_ratio_final']:.3g}, max {metrics['error_ratio_max']:.3g}")
-    rows.append(f"edge-of-stability onset (discrete sharpness >= 95% of threshold): step {metrics['eos_onset_step']}")
+        st = f"failed at step {e.get('failed_at')} ({e.get('message') or 'non-finite'})" if e.get("failed") else (
+            e.get("message") or "ok")
+        rows.append(f"{m:15s} {_fmt(e.get('final_loss'))} {_fmt(e.get('param_rel_error_final'))} "
+                    f"{_fmt(e.get('param_rel_error_max'))} {_fmt(e.get('sharpness_ratio_final'))}  {st}")
+    if metrics.get("error_ratio_final") is not None:
+        mx = metrics.get("error_ratio_max")
+        rows.append(f"stable/rod error ratio: final {metrics['error_ratio_final']:.3g}"
+                    + (f", max {mx:.3g}" if mx is not None else ""))
+    rows.append(f"edge of stability (discrete): sharpness >= 95% of threshold at step {metrics.get('eos_onset_step')}"
+                f", crosses it at step {metrics.get('eos_crossing_step')}")
     return "\n".join(rows)
 
 
+def _given(args) -> dict:
+    return {k: getattr(args, k) for k in HPARAM_FLAGS if getattr(args, k) is not None}
+
+
+def _flow_options(args) -> dict:
+    return {"central": {"k": args.central_k, "num_iter": args.central_lanczos, "restoring": args.central_restoring}}
+
+
 def _cmd_compare(args) -> int:
-    if args.float64:
-        import jax
+    from .experiments import check_output, compare
+    from .experiments._spec import default_out, resolve_optimizer, resolve_problem, resolve_steps
 
-        jax.config.update("jax_enable_x64", True)
-    from ._compare import compare
-    from .optimizers import hyperparameter_names, make_optimizer
-
-    label, loss_fn, params0, default_steps, problem_hp = _load(args)
-    user_hp = {k: getattr(args, k) for k in HPARAM_FLAGS if getattr(args, k) is not None}
-    valid = set(hyperparameter_names(args.optimizer))
-    hp = {k: v for k, v in problem_hp.items() if k in valid and v is not None}
-    hp.update(user_hp)  # unknown flags for this optimizer are reported by make_optimizer
-    optimizer = make_optimizer(args.optimizer, **hp)
-    steps = args.steps if args.steps is not None else default_steps
-    start = args.start_step if args.start_step == "auto" else _int(args.start_step, "--start-step")
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    out = Path(args.out or f"runs/{label}-{args.optimizer}")
-    result = compare(
-        loss_fn, params0, optimizer, steps, start_step=start, models=models, probe_every=args.probe_every,
-        top_k=args.top_k, sharpness_method=args.sharpness_method, progress=not args.no_progress,
-    )
-    result.metrics["problem"] = label
-    result.metrics["seed"] = args.seed
-    result.metrics["float64"] = bool(args.float64)
-    result.save(out)
+    spec = resolve_problem(args.problem, args.optimizer)
+    optimizer = resolve_optimizer(args.optimizer, spec, _given(args))
+    out = check_output(args.out or default_out("compare", spec, args.optimizer), overwrite=args.overwrite)
+    steps = resolve_steps(args.steps, spec.default_steps)
+    loss_fn, params0 = spec.make(args.seed)
+    result = compare(loss_fn, params0, optimizer, steps, start_step=args.start_step, models=args.models,
+                     probe_every=args.probe_every, top_k=args.top_k, sharpness_method=args.sharpness_method,
+                     flow_options=_flow_options(args), progress=_progress(args))
+    result.metrics.update(problem=args.problem, seed=args.seed, float64=bool(args.float64))
+    result.save(out, overwrite=args.overwrite)
     print(_table(result.metrics))
-    print(f"wrote {out}/metrics.json, trajectories.npz, loss.png, sharpness.png, param_error.png, summary.png")
+    print(f"wrote {args.out or out}/: metrics.json, timings.json, trajectories.npz, loss.png, sharpness.png, "
+          "param_error.png, summary.png")
     return 0
-
-
-def _int(value: str, flag: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise InputError(f"{flag} must be an integer or 'auto', got {value!r}") from None
 
 
 def _seeds(text: str) -> list[int]:
@@ -182,81 +202,51 @@ def _seeds(text: str) -> list[int]:
     return list(range(n))
 
 
-def _make_for(spec: str):
-    """``(problem, needs a learning rate)``: a built-in name, or ``make(seed)`` for a user file."""
-    from .problems import get_problem, load_user_problem
-
-    if _is_user_problem(spec):
-        load_user_problem(spec, 0)  # report a bad file now, as one line
-        return (lambda seed: load_user_problem(spec, seed)), True
-    return get_problem(spec), False
-
-
 def _cmd_sweep(args) -> int:
-    if args.float64:
-        import jax
+    from .experiments import check_output, sweep, values_from_range
+    from .experiments._spec import default_out, resolve_problem
 
-        jax.config.update("jax_enable_x64", True)
-    from ._sweep import sweep, values_from_range
-
-    problem, needs_lr = _make_for(args.problem)
-    grid = {k: values_from_range(getattr(args, k), "--" + k.replace("_", "-"))
-            for k in HPARAM_FLAGS if getattr(args, k) is not None}
-    if needs_lr and "learning_rate" not in grid:
+    spec = resolve_problem(args.problem, args.optimizer)
+    grid = {k: values_from_range(v, "--" + k.replace("_", "-")) for k, v in _given(args).items()}
+    if not spec.builtin and "learning_rate" not in grid:
         raise InputError("--learning-rate is required for a user problem")
-    if "learning_rate" not in grid:
-        raise InputError("--learning-rate A:B:N[:log] (or a comma list) is required for a sweep")
-    start = args.start_step if args.start_step == "auto" else _int(args.start_step, "--start-step")
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    label = Path(args.problem.split(":")[0]).stem if needs_lr else args.problem
-    out = Path(args.out or f"runs/sweep-{label}-{args.optimizer}")
-    result = sweep(problem, args.optimizer, grid, _seeds(args.seeds), args.steps, models=models, start_step=start,
-                   probe_every=args.probe_every, devices=None if args.devices == "none" else "all",
-                   progress=not args.no_progress)
+    out = check_output(args.out or default_out("sweep", spec, args.optimizer), overwrite=args.overwrite)
+    result = sweep(args.problem, args.optimizer, grid, _seeds(args.seeds), args.steps, models=args.models,
+                   start_step=args.start_step, probe_every=args.probe_every, top_k=args.top_k,
+                   sharpness_method=args.sharpness_method, flow_options=_flow_options(args),
+                   devices=None if args.devices == "none" else "all", progress=_progress(args))
     result.info["float64"] = bool(args.float64)
-    result.save(out)
-    n_div = sum(bool(r.get("discrete", {}).get("diverged")) for r in result.records)
+    result.info["problem"] = args.problem
+    result.save(out, overwrite=args.overwrite)
+    n_div = sum(bool(r["discrete"]["diverged"]) for r in result.records)
     print(f"{len(result.records)} configurations, {n_div} diverged (discrete)")
-    print(f"wrote {out}/sweep.json, sweep_info.json, sweep_arrays.npz, sweep_loss.png, sweep_sharpness.png")
+    print(f"wrote {args.out or out}/: sweep.json, sweep_info.json, timings.json, sweep_arrays.npz, sweep_loss.png, "
+          "sweep_sharpness.png")
     return 0
 
 
 def _cmd_hypergrad(args) -> int:
-    if args.float64:
-        import jax
+    from .experiments._hypergrad import hypergradient_report
+    from .experiments._output import check_output_file, write_json_atomic
+    from .experiments._spec import resolve_optimizer, resolve_problem, resolve_steps
 
-        jax.config.update("jax_enable_x64", True)
-    import math
-
-    from ._compare import default_start_step
-    from ._hypergrad import hypergradient
-    from ._io import write_json
-    from ._tree import tree_norm
-    from .optimizers import describe, hyperparameter_names, make_optimizer
-
-    label, loss_fn, params0, default_steps, problem_hp = _load(args)
-    valid = set(hyperparameter_names(args.optimizer))
-    hp = {k: v for k, v in problem_hp.items() if k in valid and v is not None}
-    hp.update({k: getattr(args, k) for k in HPARAM_FLAGS if getattr(args, k) is not None})
-    optimizer = make_optimizer(args.optimizer, **hp)
-    steps = args.steps if args.steps is not None else default_steps
-    start = default_start_step(optimizer) if args.start_step == "auto" else _int(args.start_step, "--start-step")
+    spec = resolve_problem(args.problem, args.optimizer)
+    optimizer = resolve_optimizer(args.optimizer, spec, _given(args))
+    out = check_output_file(args.out, overwrite=args.overwrite) if args.out else None
+    steps = resolve_steps(args.steps, spec.default_steps)
+    loss_fn, params0 = spec.make(args.seed)
     wrt = [w.strip() for w in args.wrt.split(",") if w.strip()]
-    value, grad = hypergradient(loss_fn, params0, optimizer, steps, objective=args.objective, model=args.model,
-                                wrt=wrt, start_step=start)
-    out = {"objective_name": args.objective, "objective": value, "model": args.model, "problem": label,
-           "optimizer": describe(optimizer), "steps": steps, "start_step": start, "seed": args.seed,
-           "float64": bool(args.float64),
-           "gradient": {k: v for k, v in grad.items() if k != "params0"}}
-    if "params0" in grad:
-        out["params0_gradient_norm"] = float(tree_norm(grad["params0"]))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        write_json(Path(args.out), out)
-    shown = ", ".join(f"d/d{k} = {v:.6g}" for k, v in out["gradient"].items() if math.isfinite(v))
-    print(f"{args.objective} ({args.model}) = {value:.6g}; {shown}")
-    if "params0_gradient_norm" in out:
-        print(f"|d/dparams0| = {out['params0_gradient_norm']:.6g}")
+    report = hypergradient_report(loss_fn, params0, optimizer, steps, objective=args.objective, model=args.model,
+                                  wrt=wrt, start_step=args.start_step)
+    report.update(problem=args.problem, seed=args.seed, float64=bool(args.float64))
+    if out is not None:
+        write_json_atomic(out, report, overwrite=args.overwrite)
+    value = report["objective"]
+    shown = ", ".join(f"d/d{k} = {v:.6g}" for k, v in report["gradient"].items() if v is not None)
+    print(f"{args.objective} ({args.model}) = {value:.6g}; {shown}" if value is not None
+          else f"{args.objective} ({args.model}) is not finite; {shown}")
+    if "params0_gradient_norm" in report:
+        print(f"|d/dparams0| = {report['params0_gradient_norm']:.6g}")
     return 0
 
 
@@ -265,14 +255,11 @@ def main(argv=None) -> int:
         args = _parser().parse_args(argv)
         if args.command == "list":
             return _cmd_list()
-        if args.command == "compare":
-            return _cmd_compare(args)
-        if args.command == "sweep":
-            return _cmd_sweep(args)
-        if args.command == "hypergrad":
-            return _cmd_hypergrad(args)
-        _parser().print_help()
-        return 2
+        if args.command is None:
+            _parser().print_help()
+            return 2
+        _setup(args)
+        return {"compare": _cmd_compare, "sweep": _cmd_sweep, "hypergrad": _cmd_hypergrad}[args.command](args)
     except InputError as e:
         print(f"rodflow: error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,10 @@
+import sys
+from pathlib import Path
+
 import jax
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # `helpers` for the sub-folders' tests
 
 jax.config.update("jax_enable_x64", True)
 

@@ -1,10 +1,14 @@
-"""Small problems shared by the tests."""
+"""Small problems shared by the tests: cached, so every test gets the same loss closure and
+JAX compiles each kernel once per session."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
+@functools.lru_cache(maxsize=None)
 def tiny_mlp(seed=0, dtype=jnp.float64, n=40, d=5, h=6, o=3):
     """A two-layer tanh network on random data, as a dict pytree (tuple inside, to test pytrees)."""
     k = jax.random.split(jax.random.PRNGKey(seed), 4)
@@ -29,3 +33,19 @@ def lr_for(name):
 
 def flat(tree):
     return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
+
+
+def assert_records_close(a, b, rtol=1e-9, path=""):
+    """Two JSON-like records equal: numbers to ``rtol``, everything else exactly."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (path, sorted(set(a) ^ set(b)))
+        for k in a:
+            assert_records_close(a[k], b[k], rtol, f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_records_close(x, y, rtol, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        assert np.isclose(a, b, rtol=rtol, atol=0.0), (path, a, b)
+    else:
+        assert a == b, (path, a, b)

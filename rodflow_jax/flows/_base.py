@@ -65,6 +65,11 @@ class AbstractFlow(eqx.Module):
         """|r| in parameter space, the predicted oscillation amplitude (0 without a rod)."""
         return jnp.zeros(())
 
+    def predicted_variance(self, y) -> jax.Array:
+        """The predicted oscillation variance ``E|x - centre|^2`` in parameter space: ``|r|^2``
+        for a rod (0 for a flow without one); the central flow's ``tr Sigma``."""
+        return jnp.square(self.half_norm(y))
+
     def scaled(self, slow: Slow) -> Slow:
         return _apply(slow, self.scale, jnp.divide)
 

@@ -34,15 +34,15 @@ passes the optimizer's threshold. ``rho = u_rho = 0`` is invariant: the *inertia
 
 from __future__ import annotations
 
+import abc
 from typing import NamedTuple
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from .._errors import InputError
 from .._tree import tree_add, tree_mean2, tree_norm, tree_stack2, tree_sub, tree_unstack2, tree_zeros_like
-from ..optimizers import AbstractOptimizer, Phase, Slow
+from ..optimizers import AbstractMomentumMethod, AbstractOptimizer, Phase, Slow
 from ._base import AbstractFlow, slow_scale
 
 
@@ -54,25 +54,25 @@ class InertialState(NamedTuple):
     slow: Slow  # scaled by the flow's ``scale``
 
 
+def supports(optimizer: AbstractOptimizer) -> str | None:
+    """``None`` if the inertial flows are defined for ``optimizer``, else the reason."""
+    if not isinstance(optimizer, AbstractMomentumMethod):
+        return f"the inertial flows are defined for the momentum methods (heavy_ball, nesterov), not {optimizer.name}"
+    beta = optimizer.momentum_decay()
+    if not isinstance(beta, jax.core.Tracer) and not float(beta) > 0:
+        return "the inertial flows need momentum > 0 (at 0 the method is GD: use the rod flow)"
+    return None
+
+
 def check_inertial(optimizer: AbstractOptimizer) -> None:
     """Raise :class:`InputError` unless ``optimizer`` has a velocity form with ``0 < beta < 1``."""
-    beta = optimizer.momentum_decay()
-    if beta is None:
-        raise InputError(
-            f"the inertial flows are defined for the momentum methods (heavy_ball, nesterov), not {optimizer.name}"
-        )
-    if not isinstance(beta, jax.core.Tracer) and not float(beta) > 0:
-        raise InputError("the inertial flows need momentum > 0 (at 0 the method is GD: use the rod flow)")
+    reason = supports(optimizer)
+    if reason is not None:
+        raise InputError(reason)
 
 
-class InertialRodFlow(AbstractFlow):
-    """Inertial rod flow (``rod=True``) or inertial stable flow (``rod=False``); see the module."""
-
-    rod: bool = eqx.field(static=True, default=True)
-
-    @property
-    def models_oscillation(self) -> bool:
-        return self.rod
+class AbstractInertialFlow(AbstractFlow):
+    """What the inertial rod flow and its ``rho = 0`` limit share: the velocity generator."""
 
     def _velocity_step(self, w, v, slow):
         """``(V', new slow)``: one optimizer step from ``w`` arriving with velocity ``v``."""
@@ -83,22 +83,9 @@ class InertialRodFlow(AbstractFlow):
         new = opt.fast_map(Phase(w, m), g, slow, new_slow)
         return tree_sub(new.params, w), new_slow
 
+    @abc.abstractmethod
     def velocity_map(self, y: InertialState):
-        """``(u_c', u_rho', s')``: the velocities one optimizer step later (the discrete rod map,
-        exact for a momentum method) and the new slow state."""
-        slow = self.unscaled(y.slow)
-        if not self.rod:
-            new_uc, new_slow = self._velocity_step(y.centre, y.centre_velocity, slow)
-            return new_uc, tree_zeros_like(y.half_velocity), new_slow
-        c, rho, uc, ur = y.centre, y.half, y.centre_velocity, y.half_velocity
-        spread = jax.tree.map(lambda r, u: 2.0 * r - u, rho, ur)
-        ends = tree_stack2(tree_add(c, rho), tree_sub(c, rho))
-        vels = tree_stack2(tree_add(uc, spread), tree_sub(uc, spread))
-        new_v, new_slows = jax.vmap(lambda w, v: self._velocity_step(w, v, slow))(ends, vels)
-        plus, minus = tree_unstack2(new_v)
-        new_ur = jax.tree.map(lambda r, a, b: -2.0 * r - 0.5 * (a - b), rho, plus, minus)
-        new_slow = jax.tree.map(lambda x: jnp.mean(x, axis=0), new_slows)
-        return tree_mean2(plus, minus), new_ur, new_slow
+        """``(u_c', u_rho', s')``: the velocities one optimizer step later and the new slow state."""
 
     def vector_field(self, t, y: InertialState, args) -> InertialState:
         beta = self.optimizer.momentum_decay()
@@ -116,14 +103,44 @@ class InertialRodFlow(AbstractFlow):
     def slow(self, y: InertialState) -> Slow:
         return self.unscaled(y.slow)
 
+
+class InertialRodFlow(AbstractInertialFlow):
+    """The inertial rod flow; see the module docstring."""
+
+    @property
+    def models_oscillation(self) -> bool:
+        return True
+
+    def velocity_map(self, y: InertialState):
+        """The discrete rod map in velocity form (exact for a momentum method)."""
+        slow = self.unscaled(y.slow)
+        c, rho, uc, ur = y.centre, y.half, y.centre_velocity, y.half_velocity
+        spread = jax.tree.map(lambda r, u: 2.0 * r - u, rho, ur)
+        ends = tree_stack2(tree_add(c, rho), tree_sub(c, rho))
+        vels = tree_stack2(tree_add(uc, spread), tree_sub(uc, spread))
+        new_v, new_slows = jax.vmap(lambda w, v: self._velocity_step(w, v, slow))(ends, vels)
+        plus, minus = tree_unstack2(new_v)
+        new_ur = jax.tree.map(lambda r, a, b: -2.0 * r - 0.5 * (a - b), rho, plus, minus)
+        new_slow = jax.tree.map(lambda x: jnp.mean(x, axis=0), new_slows)
+        return tree_mean2(plus, minus), new_ur, new_slow
+
     def predicted_loss(self, y: InertialState) -> jax.Array:
-        if not self.rod:
-            return self.loss_fn(y.centre)
         return 0.5 * (self.loss_fn(tree_add(y.centre, y.half)) + self.loss_fn(tree_sub(y.centre, y.half)))
 
     def half_norm(self, y: InertialState) -> jax.Array:
-        """``|rho|``: the predicted oscillation amplitude (0 for the inertial stable flow)."""
+        """``|rho|``: the predicted oscillation amplitude."""
         return tree_norm(y.half)
+
+
+class InertialStableFlow(AbstractInertialFlow):
+    """The inertial stable flow: the inertial rod flow's invariant ``rho = u_rho = 0`` subspace."""
+
+    def velocity_map(self, y: InertialState):
+        new_uc, new_slow = self._velocity_step(y.centre, y.centre_velocity, self.unscaled(y.slow))
+        return new_uc, tree_zeros_like(y.half_velocity), new_slow
+
+    def predicted_loss(self, y: InertialState) -> jax.Array:
+        return self.loss_fn(y.centre)
 
 
 def _three_point(a, b, c):
@@ -133,7 +150,7 @@ def _three_point(a, b, c):
 
 def inertial_flow(
     optimizer: AbstractOptimizer, loss_fn, z0: Phase, s0: Slow, z1: Phase, s1: Slow, *, rod: bool = True
-) -> tuple[InertialRodFlow, InertialState]:
+) -> tuple[AbstractInertialFlow, InertialState]:
     """The inertial rod flow (or, ``rod=False``, the inertial stable flow) started from two
     consecutive discrete states ``z_K, z_{K+1}``.
 
@@ -156,5 +173,6 @@ def inertial_flow(
     else:
         rho, ur = tree_zeros_like(halves[0]), tree_zeros_like(halves[0])
     slow = tree_mean2(s0, s1)
-    flow = InertialRodFlow(optimizer, loss_fn, slow_scale(s1), rod)
+    cls = InertialRodFlow if rod else InertialStableFlow
+    flow = cls(optimizer, loss_fn, slow_scale(s1))
     return flow, InertialState(centres[0], rho, uc, ur, flow.scaled(slow))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from .._errors import check_nonnegative, check_unit_interval
 from ._base import (
-    AbstractOptimizer,
+    AbstractAdaptiveOptimizer,
     Phase,
     Slow,
     as_hparam,
@@ -21,7 +21,7 @@ from ._base import (
 )
 
 
-class _AbstractAdam(AbstractOptimizer):
+class _AbstractAdam(AbstractAdaptiveOptimizer):
     r"""The Adam family, with optax's count $t = k + 1$:
 
     $m' = b_1 m + (1-b_1) g$, $\nu' = b_2 \nu + (1-b_2) f(g)$,
@@ -37,7 +37,6 @@ class _AbstractAdam(AbstractOptimizer):
 
     scalar: ClassVar[bool]
     nesterov: ClassVar[bool]
-    threshold_quantity: ClassVar[str] = "preconditioned sharpness"
 
     learning_rate: object = eqx.field(converter=as_hparam)
     b1: jax.Array = eqx.field(converter=as_hparam, default=0.9)

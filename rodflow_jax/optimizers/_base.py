@@ -56,7 +56,7 @@ class AbstractOptimizer(eqx.Module):
     """
 
     name: ClassVar[str]
-    threshold_quantity: ClassVar[str]  # "sharpness" or "preconditioned sharpness"
+    threshold_quantity: ClassVar[str] = "sharpness"  # what ``threshold`` bounds (a label for outputs)
 
     learning_rate: Any
 
@@ -88,27 +88,15 @@ class AbstractOptimizer(eqx.Module):
         """All hyperparameters by optax's names."""
 
     def preconditioner(self, new_slow: Slow):
-        """The ``P`` the update divides by (a pytree like params, a scalar), or ``None``."""
+        """The ``P`` the update divides by (a pytree like params, a scalar), or ``None``.
+
+        ``None`` here; :class:`AbstractAdaptiveOptimizer` declares it."""
         return None
 
     def slow_alternation(self) -> jax.Array:
-        """Factor on the alternating part of the slow state's feed for a period-2 orbit.
-
-        For ``s' = b s + (1 - b) f(g)`` fed by a gradient that alternates with period 2, the
-        exact alternating part of ``s'`` is ``1 / (1 + b)`` times the naive one.
-        """
+        """Factor on the alternating part of the slow state's feed for a period-2 orbit (1 here:
+        no slow state is fed by the gradient; see :class:`AbstractAdaptiveOptimizer`)."""
         return jnp.ones(())
-
-    # --- optional: the velocity form the inertial flows need -----------------------------------
-    def momentum_decay(self) -> jax.Array | None:
-        """``beta`` if this is a momentum method whose velocity ``w_k - w_{k-1}`` contracts by
-        ``beta`` per step (heavy ball, Nesterov), else ``None``."""
-        return None
-
-    def momentum_from_velocity(self, params, velocity, slow: Slow, grad_fn) -> PyTree:
-        """The momentum ``m_k`` of the phase state at ``params = w_k`` reached by the step
-        ``velocity = w_k - w_{k-1}``, so that ``fast_map`` continues that trajectory."""
-        raise NotImplementedError(f"{self.name} has no velocity form")
 
     # --- generic pieces ------------------------------------------------------------------------
     def eta(self, slow: Slow) -> jax.Array:
@@ -128,6 +116,45 @@ class AbstractOptimizer(eqx.Module):
     def __check_init__(self):
         if not callable(self.learning_rate):
             check_positive("learning_rate", self.learning_rate)
+
+
+class AbstractMomentumMethod(AbstractOptimizer):
+    """A momentum method with a *velocity form*: what the inertial flows need.
+
+    Its velocity ``w_k - w_{k-1}`` contracts by ``momentum_decay()`` per step, and the momentum
+    of a phase state can be rebuilt from the velocity that reached it.
+    """
+
+    @abc.abstractmethod
+    def momentum_decay(self) -> jax.Array:
+        """``beta``: the velocity's contraction per step."""
+
+    @abc.abstractmethod
+    def momentum_from_velocity(self, params, velocity, slow: Slow, grad_fn) -> PyTree:
+        """The momentum ``m_k`` of the phase state at ``params = w_k`` reached by the step
+        ``velocity = w_k - w_{k-1}``, so that ``fast_map`` continues that trajectory."""
+
+
+class AbstractAdaptiveOptimizer(AbstractOptimizer):
+    """An optimizer that divides its update by a preconditioner ``P`` built from a second moment.
+
+    Its threshold bounds the *preconditioned* sharpness ``lambda_max(P^-1 H)``; its stable flow is
+    stiff (that sharpness grows without bound along it).
+    """
+
+    threshold_quantity: ClassVar[str] = "preconditioned sharpness"
+
+    @abc.abstractmethod
+    def preconditioner(self, new_slow: Slow):
+        """The ``P`` the update divides by (a pytree like params, or a scalar)."""
+
+    def slow_alternation(self) -> jax.Array:
+        """Factor on the alternating part of the slow state's feed for a period-2 orbit.
+
+        For ``s' = b s + (1 - b) f(g)`` fed by a gradient that alternates with period 2, the
+        exact alternating part of ``s'`` is ``1 / (1 + b)`` times the naive one.
+        """
+        return jnp.ones(())
 
 
 def as_hparam(x):

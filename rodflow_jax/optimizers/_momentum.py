@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from .._errors import check_unit_interval
-from ._base import AbstractOptimizer, Phase, Slow, as_hparam
+from ._base import AbstractMomentumMethod, AbstractOptimizer, Phase, Slow, as_hparam
 
 
 class GD(AbstractOptimizer):
@@ -19,7 +19,6 @@ class GD(AbstractOptimizer):
     """
 
     name: ClassVar[str] = "gd"
-    threshold_quantity: ClassVar[str] = "sharpness"
     learning_rate: object = eqx.field(converter=as_hparam)
 
     def init_momentum(self, params):
@@ -47,10 +46,8 @@ def _trace(m, g, beta):
     return jax.tree.map(lambda mi, gi: beta * mi + gi, m, g)
 
 
-class _AbstractMomentum(AbstractOptimizer):
+class _AbstractMomentum(AbstractMomentumMethod):
     """Shared state and slow map of heavy ball and Nesterov."""
-
-    threshold_quantity: ClassVar[str] = "sharpness"
 
     learning_rate: object = eqx.field(converter=as_hparam)
     momentum: jax.Array = eqx.field(converter=as_hparam, default=0.9)

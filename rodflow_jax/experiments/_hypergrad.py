@@ -35,14 +35,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._errors import InputError
-from ._integrate import SolverConfig, _solve, default_solver
-from ._sharpness import optimizer_sharpness
-from ._discrete import states_at
-from .flows import make_flow
-from .optimizers import AbstractOptimizer, make_optimizer
+from .._discrete import init_carry, rollout_chunk, states_at
+from .._errors import InputError
+from .._integrate import SolverConfig, default_solver, solve
+from .._sharpness import optimizer_sharpness
+from ..flows import flow_kind
+from ..optimizers import AbstractOptimizer, make_optimizer
+from ._spec import check_problem, differentiable, resolve_start
 
-HG_MODELS = ("discrete", "stable", "rod")
+HG_MODELS = ("discrete", "stable", "rod", "central", "inertial", "inertial_stable")
 
 
 def parse_objective(objective: str, num_steps: int) -> tuple[str, int]:
@@ -62,33 +63,27 @@ def parse_objective(objective: str, num_steps: int) -> tuple[str, int]:
 
 
 def _discrete_losses(optimizer, loss_fn, params0, num_steps):
-    """``L(z_0 .. z_N)`` and the final ``(z_N, s_N)`` of the unrolled run."""
-    vg = jax.value_and_grad(loss_fn)
-
-    def body(st, _):
-        phase, slow = st
-        loss, g = vg(phase.params)
-        return optimizer.step(phase, slow, g), loss
-
-    (phase, slow), losses = jax.lax.scan(body, optimizer.init(params0), None, length=num_steps)
-    return jnp.append(losses, loss_fn(phase.params)), phase, slow
+    """``L(z_0 .. z_N)`` and the final ``(z_N, s_N)``: the rollout kernel, unrolled and differentiated."""
+    carry, out = rollout_chunk(optimizer, loss_fn, init_carry(optimizer, loss_fn, params0),
+                               jnp.arange(num_steps + 1), num_steps)
+    return out.loss, carry.phase, carry.slow
 
 
-def _flow_losses(kind, optimizer, loss_fn, params0, num_steps, start_step, config):
-    """Predicted losses at ``t = start_step .. N`` and the final centre and slow state."""
-    flow, y0 = make_flow(kind, optimizer, loss_fn, *states_at(optimizer, loss_fn, params0, start_step))
+def _flow_losses(kind, optimizer, loss_fn, params0, num_steps, start_step, config, options):
+    """Predicted losses at ``t = start_step .. N`` and the final centre and slow state (the solve kernel)."""
+    flow, y0 = flow_kind(kind).start(optimizer, loss_fn, *states_at(optimizer, loss_fn, params0, start_step),
+                                     **dict(options))
     dtype = jax.tree.leaves(y0)[0].dtype
     config = config or default_solver(flow, dtype)
     ts = jnp.arange(start_step, num_steps + 1).astype(dtype)
-    sol = _solve(flow, y0, ts[0], ts[-1], ts, ts[-1:], config, config.max_steps(num_steps - start_step), False)
-    (loss, _), (centre, slow) = sol.ys
-    return loss, jax.tree.map(lambda x: x[-1], centre), jax.tree.map(lambda x: x[-1], slow)
+    sol = solve(flow, y0, ts, ts[-1:], config)
+    return sol.loss, jax.tree.map(lambda x: x[-1], sol.centre), jax.tree.map(lambda x: x[-1], sol.slow)
 
 
 @functools.lru_cache(maxsize=32)
 def objective_fn(
     loss_fn, num_steps: int, *, objective: str = "final_loss", model: str = "discrete", start_step: int = 0,
-    config: SolverConfig | None = None, sharpness_method: str = "auto",
+    config: SolverConfig | None = None, sharpness_method: str = "auto", options: tuple = (),
 ):
     """``(optimizer, params0) -> objective value``: a pure, differentiable function.
 
@@ -105,7 +100,8 @@ def objective_fn(
             losses, phase, slow = _discrete_losses(optimizer, loss_fn, params0, num_steps)
             params = phase.params
         else:
-            losses, params, slow = _flow_losses(model, optimizer, loss_fn, params0, num_steps, start_step, config)
+            losses, params, slow = _flow_losses(model, optimizer, loss_fn, params0, num_steps, start_step, config,
+                                                options)
         if kind == "final_loss":
             return losses[-1]
         if kind == "mean_loss":
@@ -137,16 +133,24 @@ def hypergradient(
     objective: str = "final_loss",
     model: str = "discrete",
     wrt: Sequence[str] = ("learning_rate",),
-    start_step: int = 0,
+    start_step: int | str = "auto",
     config: SolverConfig | None = None,
     sharpness_method: str = "auto",
+    flow_options: dict | None = None,
 ) -> tuple[float, dict[str, Any]]:
     """The objective's value and its derivatives ``{name: d objective / d name}``.
 
     ``wrt`` names hyperparameters of ``optimizer`` (optax's names) and/or ``"params0"`` (the
-    derivative is then a pytree like ``params0``). See the module docstring for the models,
-    objectives and the adjoint.
+    derivative is then a pytree like ``params0``). ``start_step="auto"`` is resolved as in
+    ``compare``. See the module docstring for the models, objectives and the adjoint.
     """
+    if model not in HG_MODELS:
+        raise InputError(f"unknown model {model!r}; choose from {', '.join(HG_MODELS)}")
+    if model != "discrete":
+        flow_kind(model).check(optimizer)
+    loss_fn, params0 = differentiable(loss_fn, params0)
+    check_problem(loss_fn, params0)
+    start_step = resolve_start(start_step, [optimizer], num_steps) if model != "discrete" else 0
     wrt = list(wrt)
     hp_all = optimizer.hyperparameters()
     unknown = [w for w in wrt if w != "params0" and w not in hp_all]
@@ -158,7 +162,8 @@ def hypergradient(
     if any(callable(hp_all[w]) for w in wrt if w != "params0"):
         raise InputError("cannot differentiate with respect to a learning-rate schedule")
     f = objective_fn(loss_fn, num_steps, objective=objective, model=model, start_step=start_step,
-                     config=config, sharpness_method=sharpness_method)
+                     config=config, sharpness_method=sharpness_method,
+                     options=tuple(sorted((flow_options or {}).items())))
     dtype = jnp.result_type(*jax.tree.leaves(params0))
     x = {w: jnp.asarray(hp_all[w], dtype) for w in wrt if w != "params0"}
     value, grads = _value_and_grad(f, optimizer, x, params0, "params0" in wrt)
@@ -174,3 +179,21 @@ def objective_value(loss_fn, params0, optimizer, num_steps, **kw) -> float:
     """The objective alone (for finite differences), jitted."""
     f = objective_fn(loss_fn, num_steps, **kw)
     return float(eqx.filter_jit(f)(optimizer, params0))
+
+
+def hypergradient_report(loss_fn, params0, optimizer: AbstractOptimizer, num_steps: int, *,
+                         objective: str = "final_loss", model: str = "rod", wrt: Sequence[str] = ("learning_rate",),
+                         start_step: int | str = "auto", **kw) -> dict[str, Any]:
+    """:func:`hypergradient` as the JSON record ``rodflow hypergrad`` writes."""
+    from .._tree import tree_norm
+    from ..optimizers import describe
+
+    K = 0 if model == "discrete" else resolve_start(start_step, [optimizer], num_steps)
+    value, grad = hypergradient(loss_fn, params0, optimizer, num_steps, objective=objective, model=model, wrt=wrt,
+                                start_step=K, **kw)
+    out = {"objective_name": objective, "objective": value, "model": model, "estimator": "exact",
+           "optimizer": describe(optimizer), "steps": num_steps, "start_step": K,
+           "gradient": {k: v for k, v in grad.items() if k != "params0"}}
+    if "params0" in grad:
+        out["params0_gradient_norm"] = float(tree_norm(grad["params0"]))
+    return out

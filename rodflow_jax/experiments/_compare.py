@@ -1,0 +1,126 @@
+"""``compare``: the discrete optimizer and the requested flows from one state, side by side.
+
+A batch of one through :func:`~._evaluate.evaluate`: the same kernels and the same records as a
+sweep, plus the per-step trajectories and the figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._integrate import SolverConfig
+from ..optimizers import AbstractOptimizer, describe
+from ._evaluate import Evaluation, evaluate
+from ._records import run_record
+from ._spec import DEFAULT_MODELS, check_problem, differentiable, resolve_models, resolve_start, resolve_steps
+
+
+@dataclasses.dataclass
+class Comparison:
+    """What :func:`compare` returns: JSON-ready metrics, per-step numpy trajectories, and the
+    wall times (kept apart from the metrics so that two identical runs write identical files)."""
+
+    metrics: dict[str, Any]
+    trajectories: dict[str, np.ndarray]
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def save(self, out_dir, *, overwrite: bool = False, title: str | None = None) -> Path:
+        """Write ``metrics.json``, ``timings.json``, ``trajectories.npz`` and PNG figures to ``out_dir``,
+        completely or not at all (see :func:`rodflow_jax.experiments.output_dir` for the rules)."""
+        from .._plot import plot_comparison
+        from ._output import output_dir, write_json, write_npz
+
+        with output_dir(out_dir, overwrite=overwrite) as tmp:
+            write_json(tmp / "metrics.json", self.metrics)
+            write_json(tmp / "timings.json", self.timings)
+            write_npz(tmp / "trajectories.npz", self.trajectories)
+            plot_comparison(self.trajectories, self.metrics, tmp, title=title)
+        return Path(out_dir)
+
+
+def _full(steps, values, length: int, fill=np.nan) -> np.ndarray:
+    out = np.full((length,) + np.shape(values)[1:], fill, dtype=float)
+    out[steps] = values
+    return out
+
+
+def trajectories(ev: Evaluation, i: int = 0) -> dict[str, np.ndarray]:
+    """The per-step arrays of configuration ``i`` (``trajectories.npz``)."""
+    N, K = ev.num_steps, ev.start_step
+    traj: dict[str, np.ndarray] = {
+        "step": np.arange(N + 1),
+        "discrete_loss": ev.loss[i],
+        "discrete_avg_loss": np.append(ev.avg_loss[i], np.nan),
+        "discrete_sharpness_step": ev.probe_steps,
+        "discrete_sharpness": ev.probes.eigenvalues[i],
+        "discrete_threshold": ev.probes.threshold[i],
+        "discrete_half_norm": np.append(ev.half[i], np.nan),
+        "discrete_amplitude": np.append(ev.amplitude[i], np.nan),
+    }
+    for name, f in ev.flows.items():
+        traj[f"{name}_loss"] = _full(ev.flow_steps, f.arrays.loss[i], N + 1)
+        traj[f"{name}_param_error"] = _full(ev.flow_grid, f.param_error[i], N + 1)
+        traj[f"{name}_sharpness_step"] = f.probe_steps
+        traj[f"{name}_sharpness"] = f.probes.eigenvalues[i]
+        traj[f"{name}_threshold"] = f.probes.threshold[i]
+        if ev.models_oscillation(name):
+            traj[f"{name}_half_norm"] = _full(ev.flow_steps, f.arrays.half_norm[i], N + 1)
+            traj[f"{name}_variance"] = _full(ev.flow_grid, f.arrays.variance[i], N + 1)
+    return traj
+
+
+def compare(
+    loss_fn,
+    params0,
+    optimizer: AbstractOptimizer,
+    num_steps: int,
+    *,
+    start_step: int | str = "auto",
+    models: Sequence[str] = DEFAULT_MODELS,
+    probe_every: int | None = None,
+    top_k: int = 1,
+    sharpness_method: str = "auto",
+    solver: dict[str, SolverConfig] | None = None,
+    flow_options: dict[str, dict] | None = None,
+    progress=False,
+    param_budget: float = 2e7,
+) -> Comparison:
+    """Run the discrete optimizer and the requested flows from one state and compare them.
+
+    The flows start from the discrete state at ``start_step`` K (``"auto"``:
+    :func:`default_start_step`): the rod at ``c = (z_K + z_{K+1})/2``, ``r = (z_{K+1} - z_K)/2``,
+    the stable flow at ``z_K``. At each step k >= K the flows' centres are compared with the
+    discrete midpoint ``mid_k = (z_k + z_{k+1})/2`` (see :mod:`~rodflow_jax.experiments._records`
+    for every metric). ``params0`` may be any pytree, an equinox module included: only its
+    floating-point array leaves are trained. ``flow_options`` are passed to the flows'
+    constructors by name (e.g. ``{"central": {"k": 3}}``).
+    """
+    num_steps = resolve_steps(num_steps, num_steps)
+    models = resolve_models(models, optimizer)
+    K = resolve_start(start_step, [optimizer], num_steps)
+    if top_k < 1:
+        from .._errors import InputError
+
+        raise InputError(f"top-k must be at least 1, got {top_k}")
+    if probe_every is not None and probe_every < 1:
+        from .._errors import InputError
+
+        raise InputError(f"probe-every must be at least 1, got {probe_every}")
+    loss_fn, params0 = differentiable(loss_fn, params0)
+    check_problem(loss_fn, params0)
+    dtype = jnp.result_type(*jax.tree.leaves(params0))
+    opt = jax.tree.map(lambda x: jnp.asarray(x, dtype)[None] if eqx.is_array_like(x) and not callable(x) else x,
+                       optimizer)
+    params = jax.tree.map(lambda x: jnp.asarray(x)[None], params0)
+    ev = evaluate(loss_fn, opt, params, num_steps, K, models, threshold_quantity=optimizer.threshold_quantity,
+                  flow_options=flow_options, solver=solver, probe_every=probe_every, top_k=top_k,
+                  sharpness_method=sharpness_method, param_budget=param_budget, progress=progress, batch=1)
+    metrics = {"optimizer": describe(optimizer), "models": models, **run_record(ev, 0, models)}
+    return Comparison(metrics, trajectories(ev, 0), ev.timings)

@@ -1,0 +1,164 @@
+"""The three kernels, batched: a rollout, a solve and a probe loop, each vmapped over configurations.
+
+Every driver (compare, sweep, hypergradients, the benchmarks) runs its models through these.
+A batch is a stacked optimizer (hyperparameter leaves with a leading axis B) and stacked initial
+parameters; compare is a batch of one. Each kernel is one jitted, ``eqx.filter_vmap``-ped call
+(chunked along the steps or probes only to show progress and to stay interruptible), so its
+compilation is cached on the loss function and the shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from .._discrete import init_carry, rollout_chunk
+from .._integrate import SolverConfig, default_solver, solve
+from .._sharpness import probe_trajectory
+from ..flows import flow_kind
+from ._progress import bar
+
+
+def stack_trees(trees):
+    """Stack like-structured pytrees along a new leading axis (array leaves; other leaves, e.g. a
+    schedule, must be shared and are taken from the first)."""
+    def one(*xs):
+        if eqx.is_array_like(xs[0]) and not callable(xs[0]):
+            return jnp.stack([jnp.asarray(x) for x in xs])
+        return xs[0]
+
+    return jax.tree.map(one, *trees)
+
+
+def unstack(tree, i: int):
+    return jax.tree.map(lambda x: x[i] if eqx.is_array(x) else x, tree)
+
+
+def batch_size(tree) -> int:
+    return int(jax.tree.leaves(eqx.filter(tree, eqx.is_array))[0].shape[0])
+
+
+# --- rollout ------------------------------------------------------------------------------------
+class Rollout(NamedTuple):
+    loss: np.ndarray  # (B, N+1)
+    half: np.ndarray  # (B, N)
+    amplitude: np.ndarray  # (B, N)
+    saved: Any  # (Phase, Slow) with leading axes (B, S)
+    saved_steps: np.ndarray  # (S,)
+    diverged_at: np.ndarray  # (B,) -1 where the run did not diverge
+
+
+@eqx.filter_jit
+def _init_b(optimizer, loss_fn, params):
+    return eqx.filter_vmap(lambda o, p: init_carry(o, loss_fn, p))(optimizer, params)
+
+
+@eqx.filter_jit
+def _chunk_b(optimizer, loss_fn, carry, ks, num_steps, mask):
+    return eqx.filter_vmap(lambda o, c: rollout_chunk(o, loss_fn, c, ks, num_steps, mask))(optimizer, carry)
+
+
+def rollout_batch(optimizer, params, loss_fn, num_steps: int, save_steps=None, *, chunk_size: int = 64,
+                  progress: bool = False, desc: str = "discrete") -> Rollout:
+    """The optimizer of every configuration for ``num_steps`` steps, states kept at ``save_steps``
+    (default: every step)."""
+    total = num_steps + 1
+    save_steps = np.arange(total) if save_steps is None else np.unique(np.asarray(save_steps, int))
+    save_steps = save_steps[(save_steps >= 0) & (save_steps < total)]
+    carry = _init_b(optimizer, loss_fn, params)
+    n_chunks = -(-total // chunk_size)
+    losses, halves, amps, kept = [], [], [], []
+    n = jnp.asarray(num_steps)
+    with bar(total, desc, "step", progress) as b:
+        for c in range(n_chunks):
+            steps = np.arange(c * chunk_size, (c + 1) * chunk_size)  # one shape: one compilation
+            mask = np.isin(steps, save_steps)
+            carry, out = _chunk_b(optimizer, loss_fn, carry, jnp.asarray(steps), n, jnp.asarray(mask))
+            valid = steps < total
+            losses.append(np.asarray(out.loss)[:, valid])
+            halves.append(np.asarray(out.half)[:, valid])
+            amps.append(np.asarray(out.amplitude)[:, valid])
+            idx = np.nonzero(mask & valid)[0]
+            kept.append(jax.tree.map(lambda x: np.asarray(x)[:, idx], out.saved))
+            b.update(int(valid.sum()))
+    saved = jax.tree.map(lambda *x: np.concatenate(x, axis=1), *kept)
+    return Rollout(np.concatenate(losses, 1), np.concatenate(halves, 1)[:, :num_steps],
+                   np.concatenate(amps, 1)[:, :num_steps], saved, save_steps, np.asarray(carry.diverged_at))
+
+
+# --- solve --------------------------------------------------------------------------------------
+class FlowArrays(NamedTuple):
+    loss: np.ndarray  # (B, T) predicted loss at ts
+    half_norm: np.ndarray  # (B, T)
+    centre: Any  # (B, m, ...) centre params at param_ts
+    slow: Any
+    variance: np.ndarray  # (B, m)
+    result: np.ndarray  # (B,)
+    num_steps: np.ndarray  # (B,)
+    num_rejected_steps: np.ndarray  # (B,)
+
+
+@eqx.filter_jit
+def _solve_b(kind, optimizer, loss_fn, states, ts, param_ts, stop_at, options, config, progress):
+    def one(opt, st, stop):
+        flow, y0 = flow_kind(kind).start(opt, loss_fn, *st, **options)
+        cfg = config if config is not None else default_solver(flow, ts.dtype)
+        return solve(flow, y0, ts, param_ts, cfg, stop_at=stop, progress=progress)
+
+    return eqx.filter_vmap(one)(optimizer, states, stop_at)
+
+
+def solve_batch(kind: str, optimizer, loss_fn, states, ts, param_ts, stop_at, *, options=None,
+                config: SolverConfig | None = None, progress: bool = False) -> FlowArrays:
+    """The ``kind`` flow of every configuration from its ``states = (z0, s0, z1, s1)`` (stacked),
+    over ``ts`` (integer steps), stopped at ``stop_at`` (B,) (``inf``: never)."""
+    dtype = jax.tree.leaves(states[0])[0].dtype
+    sol = _solve_b(kind, optimizer, loss_fn, states, jnp.asarray(ts, dtype), jnp.asarray(param_ts, dtype),
+                   jnp.asarray(stop_at, dtype), dict(options or {}), config, progress)
+    return FlowArrays(*jax.tree.map(np.asarray, tuple(sol)))
+
+
+# --- probes -------------------------------------------------------------------------------------
+class ProbeArrays(NamedTuple):
+    eigenvalues: np.ndarray  # (B, m, k)
+    threshold: np.ndarray  # (B, m)
+    hvps: np.ndarray  # (B, m)
+
+
+@eqx.filter_jit
+def _probe_b(optimizer, loss_fn, params, slow, v, k, method, max_iter, tol):
+    def one(o, p, s, v0):
+        return probe_trajectory(o, loss_fn, p, s, v0, k=k, method=method, max_iter=max_iter, tol=tol)
+
+    return eqx.filter_vmap(one)(optimizer, params, slow, v)
+
+
+def probe_batch(optimizer, loss_fn, params, slow, *, k: int = 1, method: str = "lanczos", max_iter: int = 40,
+                tol: float = 1e-3, chunk: int = 8, progress: bool = False, desc: str = "sharpness") -> ProbeArrays:
+    """Probes at the stacked states ``params``/``slow`` (leading axes (B, m)), warm-started along m."""
+    leaves = jax.tree.leaves(params)
+    B, m = leaves[0].shape[:2]
+    if m == 0:
+        return ProbeArrays(np.zeros((B, 0, k)), np.zeros((B, 0)), np.zeros((B, 0), int))
+    first = jax.tree.map(lambda x: x[0, 0], params)
+    flat = ravel_pytree(first)[0]
+    v = jax.random.normal(jax.random.PRNGKey(0), (B,) + flat.shape, flat.dtype)
+    ev, thr, hv = [], [], []
+    pad = -m % chunk
+    padded = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:, -1:], pad, axis=1)], 1) if pad else x,
+                          (params, slow))
+    with bar(m, desc, "probe", progress) as b:
+        for c in range(0, m, chunk):
+            p, s = jax.tree.map(lambda x: jnp.asarray(x[:, c:c + chunk]), padded)
+            out = _probe_b(optimizer, loss_fn, p, s, v, k, method, max_iter, tol)
+            v = out.vector
+            ev.append(np.asarray(out.eigenvalues))
+            thr.append(np.asarray(out.threshold))
+            hv.append(np.asarray(out.hvps))
+            b.update(min(chunk, m - c))
+    return ProbeArrays(np.concatenate(ev, 1)[:, :m], np.concatenate(thr, 1)[:, :m], np.concatenate(hv, 1)[:, :m])

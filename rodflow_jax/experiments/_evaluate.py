@@ -1,0 +1,155 @@
+"""One evaluation: discrete run, flows from step K, probes, and the comparison, for a batch.
+
+``compare`` is a batch of one; ``sweep`` a batch of every configuration. The pieces are the
+kernels of :mod:`._engine`; this module only decides the grids and lines the arrays up:
+
+* the *grid*: the steps k whose midpoints ``(z_k + z_{k+1})/2`` are compared (every step unless
+  ``B * n * N`` exceeds ``param_budget`` floats, then every ``every`` steps);
+* the *probe steps*: the grid steps that are multiples of ``probe_every`` (default ``N // 50``);
+* the flows run over ``K .. N - 1`` (the last midpoint), each stopped where its configuration's
+  discrete run diverged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from .. import _metrics as M
+from .._integrate import result_message
+from .._sharpness import DENSE_MAX_PARAMS
+from ..flows import flow_kind
+from ._engine import FlowArrays, ProbeArrays, probe_batch, rollout_batch, solve_batch, unstack
+from ._progress import say
+
+
+def _rows(tree) -> np.ndarray:
+    """A pytree with leading axes (B, m) -> (B, m, n), leaves in ``ravel_pytree`` order."""
+    leaves = jax.tree.leaves(tree)
+    return np.concatenate([np.asarray(x).reshape(x.shape[0], x.shape[1], -1) for x in leaves], axis=2)
+
+
+@dataclasses.dataclass
+class FlowResult:
+    arrays: FlowArrays
+    probes: ProbeArrays
+    probe_steps: np.ndarray
+    param_error: np.ndarray  # (B, Gf)
+
+    def message(self, i: int) -> str:
+        return result_message(int(self.arrays.result[i])) if int(self.arrays.result[i]) else ""
+
+
+@dataclasses.dataclass
+class Evaluation:
+    num_steps: int
+    start_step: int
+    num_params: int
+    threshold_quantity: str
+    every: int
+    grid: np.ndarray  # (G,) midpoint steps
+    probe_steps: np.ndarray  # (P,)
+    loss: np.ndarray  # (B, N+1)
+    avg_loss: np.ndarray  # (B, N)
+    half: np.ndarray  # (B, N)
+    amplitude: np.ndarray  # (B, N)
+    diverged_at: np.ndarray  # (B,)
+    probes: ProbeArrays
+    flows: dict[str, FlowResult]
+    timings: dict[str, float]
+
+    @property
+    def flow_steps(self) -> np.ndarray:
+        return np.arange(self.start_step, self.num_steps)
+
+    @property
+    def flow_grid(self) -> np.ndarray:
+        return self.grid[self.grid >= self.start_step]
+
+    def ratio(self, i: int) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.probes.eigenvalues[i][:, 0] / self.probes.threshold[i]
+
+    def onset(self, i: int) -> int | None:
+        return M.eos_onset_step(self.probe_steps, self.ratio(i))
+
+    def models_oscillation(self, name: str) -> bool:
+        return flow_kind(name).models_oscillation or name == "central"
+
+
+def grids(num_params: int, num_steps: int, batch: int, probe_every: int | None, param_budget: float):
+    every = max(1, math.ceil(batch * num_params * (num_steps + 1) / param_budget))
+    grid = np.arange(0, num_steps, every)
+    pe = probe_every or max(1, num_steps // 50)
+    pe = every * max(1, round(pe / every))  # probes on the grid
+    return every, grid, grid[grid % pe == 0]
+
+
+def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models, *, threshold_quantity: str,
+             flow_options: dict | None = None, solver: dict | None = None, probe_every: int | None = None,
+             top_k: int = 1, sharpness_method: str = "auto", param_budget: float = 2e7, progress=False,
+             batch: int | None = None) -> Evaluation:
+    """Every model of ``models`` on the batch (``optimizer`` and ``params`` stacked, B configurations)."""
+    K, N = start_step, num_steps
+    leaves = jax.tree.leaves(params)
+    B = batch or int(leaves[0].shape[0])
+    n = sum(int(np.prod(x.shape[1:])) for x in leaves)
+    method = ("dense" if n <= DENSE_MAX_PARAMS else "lanczos") if sharpness_method == "auto" else sharpness_method
+    every, grid, probe_steps = grids(n, N, B, probe_every, param_budget)
+    save = np.unique(np.concatenate([grid, grid + 1, [K, K + 1]]))
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    r = rollout_batch(optimizer, params, loss_fn, N, save, progress=progress,
+                      desc="discrete" if B == 1 else f"discrete ({B} configurations)")
+    timings["discrete"] = time.perf_counter() - t
+    pos = {int(s): j for j, s in enumerate(r.saved_steps)}
+    phase, slow = r.saved
+    P = _rows(phase.params)
+    mid = 0.5 * (P[:, [pos[k] for k in grid]] + P[:, [pos[k + 1] for k in grid]])
+    mid_K = 0.5 * (P[:, pos[K]] + P[:, pos[K + 1]])
+    diverged = r.diverged_at >= 0
+
+    def probe(params_, slow_, desc):
+        t = time.perf_counter()
+        out = probe_batch(optimizer, loss_fn, params_, slow_, k=top_k, method=method, progress=progress, desc=desc)
+        timings[f"{desc} probes"] = time.perf_counter() - t
+        return out
+
+    idx = [pos[int(k)] for k in probe_steps]
+    probes = probe(*jax.tree.map(lambda x: x[:, idx], (phase.params, slow)), "discrete")
+    avg = 0.5 * (r.loss[:, :-1] + r.loss[:, 1:])
+
+    flows: dict[str, FlowResult] = {}
+    fgrid = grid[grid >= K]
+    live = ~diverged | (r.diverged_at > K + 1)
+    if live.any():
+        states = tuple(jax.tree.map(lambda x: x[:, pos[j]], s) for j in (K, K + 1) for s in (phase, slow))
+        states = (states[0], states[1], states[2], states[3])
+        stop = np.where(diverged, np.maximum(r.diverged_at, K) - 1.0, np.inf)
+        for name in models:
+            if name == "discrete":
+                continue
+            say(progress is True or (progress == "auto"), f"{name} flow: {B} configuration(s), steps {K}..{N - 1}")
+            t = time.perf_counter()
+            fa = solve_batch(name, optimizer, loss_fn, states, np.arange(K, N), fgrid, stop,
+                             options=(flow_options or {}).get(name), config=(solver or {}).get(name),
+                             progress=B == 1 and progress is True)
+            timings[name] = time.perf_counter() - t
+            C = _rows(fa.centre)
+            err = M.param_rel_error(C, mid[:, grid >= K], mid_K[:, None])
+            err = np.where(np.isfinite(avg[:, fgrid]), err, np.nan)
+            fidx = [j for j, k in enumerate(fgrid) if k in set(probe_steps.tolist())]
+            fprobes = probe(*jax.tree.map(lambda x: x[:, fidx], (fa.centre, fa.slow)), name)
+            flows[name] = FlowResult(fa, fprobes, fgrid[fidx], err)
+    return Evaluation(N, K, n, threshold_quantity, every, grid, probe_steps, r.loss, avg, r.half, r.amplitude,
+                      r.diverged_at, probes, flows, timings)
+
+
+def config(tree, i: int) -> Any:
+    return unstack(tree, i)

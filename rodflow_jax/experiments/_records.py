@@ -1,0 +1,183 @@
+r"""The records: every metric key defined once, for compare, sweep and the benchmarks alike.
+
+A record is built from the arrays of one configuration of an :class:`~._evaluate.Evaluation`,
+so a one-configuration sweep reports exactly what ``compare`` reports. Definitions:
+
+* ``final_loss``: discrete ``L(z_N)`` (None if the run diverged); a flow's predicted
+  time-averaged loss at its last step ``N - 1`` (it predicts ``(L(z_{N-1}) + L(z_N))/2``).
+* ``mean_loss``: the mean of the same loss over the last 20 % of the steps (the flow's over
+  its own last 20 %).
+* ``param_rel_error(k) = ||centre(k) - mid_k|| / ||mid_k - mid_K||`` with
+  ``mid_k = (z_k + z_{k+1})/2``; ``_final`` at the last grid step, ``_max`` over
+  ``k >= K + (N - K)/10``.
+* ``loss_rel_error_mean``: mean of ``|flow loss - discrete averaged loss| / |discrete averaged loss|``;
+  ``loss_window_log_error``: mean over 50-step windows of ``|log mean(flow) - log mean(discrete)|``.
+* ``variance_window_log_error`` (flows that model the oscillation): the same windowed log error
+  between the flow's predicted variance (``|r|^2``; the central flow's ``tr Sigma``) and the
+  discrete run's drift-free squared half amplitude ``(|z_{k+1} - 2 z_k + z_{k-1}|/4)^2``,
+  over the edge phase only (from the discrete onset on): before the edge the rod's ``r`` is at
+  rounding level and so is the true oscillation, and the drift-inclusive half step is not an
+  oscillation at all.
+* ``sharpness_*``: the (preconditioned) sharpness the optimizer's threshold bounds, at the
+  last probe; ``sharpness_ratio_final`` = sharpness / threshold.
+* ``eos_onset_step``: first probed step with sharpness >= 95 % of the threshold;
+  ``eos_crossing_step``: first probed step with sharpness >= the threshold (both by
+  :func:`~rodflow_jax._metrics.first_upcrossing`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from .. import _metrics as M
+
+MEAN_FRACTION = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeCost(Record):
+    probes: int
+    hvps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRecord(Record):
+    final_loss: float | None
+    mean_loss: float | None
+    sharpness_final: float | None
+    threshold_final: float | None
+    sharpness_ratio_final: float | None
+    eos_onset_step: int | None
+    eos_crossing_step: int | None
+    probe_cost: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscreteRecord(ModelRecord):
+    diverged: bool
+    diverged_at: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowRecord(ModelRecord):
+    flow: str
+    param_rel_error_final: float | None
+    param_rel_error_max: float | None
+    loss_rel_error_mean: float | None
+    loss_window_log_error: float | None
+    variance_window_log_error: float | None
+    failed: bool
+    failed_at: int | None
+    message: str
+    solver_steps: int
+    rejected_steps: int
+
+
+def _sharpness_fields(steps, eig, thr, hvps) -> dict[str, Any]:
+    top = eig[:, 0] if eig.size else np.zeros(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = top / thr
+    return dict(
+        sharpness_final=M.last_finite(top), threshold_final=M.last_finite(thr),
+        sharpness_ratio_final=M.last_finite(r), eos_onset_step=M.eos_onset_step(steps, r),
+        eos_crossing_step=M.first_upcrossing(steps, r, 1.0),
+        probe_cost=ProbeCost(int(np.isfinite(top).sum()), int(np.sum(hvps[np.isfinite(top)]))).to_json(),
+    )
+
+
+def discrete_record(ev, i: int) -> DiscreteRecord:
+    loss = ev.loss[i]
+    div = int(ev.diverged_at[i])
+    return DiscreteRecord(
+        final_loss=None if div >= 0 else M.last_finite(loss),
+        mean_loss=M.mean_last(loss, MEAN_FRACTION),
+        **_sharpness_fields(ev.probe_steps, ev.probes.eigenvalues[i], ev.probes.threshold[i], ev.probes.hvps[i]),
+        diverged=div >= 0,
+        diverged_at=div if div >= 0 else None,
+    )
+
+
+def flow_record(ev, name: str, i: int) -> FlowRecord:
+    f = ev.flows[name]
+    K, N = ev.start_step, ev.num_steps
+    loss = f.arrays.loss[i]
+    ts = ev.flow_steps
+    avg = ev.avg_loss[i][K:N]
+    err = f.param_error[i]
+    finite = np.isfinite(loss)
+    div = int(ev.diverged_at[i])
+    # a configuration whose discrete run diverged at d: its flow is stopped at d - 1 (the last midpoint)
+    stopped = div >= 0 and not (~finite & (ts < div - 2)).any()
+    message = f.message(i)
+    failed = bool(message or not finite.all()) and not stopped
+    failed_at = None
+    if failed:
+        failed_at = int(ts[np.argmin(finite)]) if not finite.all() else int(ts[-1])
+    if stopped:
+        message = f"stopped at step {div}: the discrete run diverged there"
+    late = M.late_window(ev.flow_grid, K, N)
+    lerr = M.loss_rel_error(loss, avg)
+    vwin = None
+    if ev.models_oscillation(name):
+        onset = ev.onset(i)
+        edge = ev.flow_grid >= (onset if onset is not None else N)
+        amp2 = M.moving_average(ev.amplitude[i][ev.flow_grid] ** 2)
+        vwin = M.windowed_log_loss_error(f.arrays.variance[i][edge], amp2[edge], window=max(1, 50 // ev.every))
+    return FlowRecord(
+        final_loss=M.last_finite(loss[-1:]),
+        mean_loss=M.mean_last(loss, MEAN_FRACTION),
+        **_sharpness_fields(f.probe_steps, f.probes.eigenvalues[i], f.probes.threshold[i], f.probes.hvps[i]),
+        flow=name,
+        param_rel_error_final=M.last_finite(err),
+        param_rel_error_max=M.nan_max(err[late]),
+        loss_rel_error_mean=float(np.nanmean(lerr)) if np.isfinite(lerr).any() else None,
+        loss_window_log_error=M.windowed_log_loss_error(loss, avg),
+        variance_window_log_error=vwin,
+        failed=failed,
+        failed_at=failed_at,
+        message=message if (failed or stopped) else "",
+        solver_steps=int(f.arrays.num_steps[i]),
+        rejected_steps=int(f.arrays.num_rejected_steps[i]),
+    )
+
+
+def missing_flow(name: str, start_step: int, message: str) -> FlowRecord:
+    """The record of a flow that could not start (its discrete run diverged before step K + 1)."""
+    none = {f.name: None for f in dataclasses.fields(FlowRecord)}
+    return FlowRecord(**{**none, "flow": name, "probe_cost": ProbeCost(0, 0).to_json(), "failed": True,
+                         "failed_at": start_step, "message": message, "solver_steps": 0, "rejected_steps": 0})
+
+
+def run_record(ev, i: int, models) -> dict[str, Any]:
+    """The record of configuration ``i``: what metrics.json holds and what a sweep row holds."""
+    d = discrete_record(ev, i)
+    out: dict[str, Any] = {
+        "num_steps": ev.num_steps,
+        "start_step": ev.start_step,
+        "num_params": ev.num_params,
+        "threshold_quantity": ev.threshold_quantity,
+        "threshold": d.threshold_final,
+        "eos_onset_step": d.eos_onset_step,
+        "eos_crossing_step": d.eos_crossing_step,
+        "eos_fraction": M.eos_fraction(ev.probe_steps, ev.ratio(i)),
+        "discrete": d.to_json(),
+    }
+    for name in models:
+        if name in ev.flows:
+            out[name] = flow_record(ev, name, i).to_json()
+        elif name != "discrete":
+            out[name] = missing_flow(name, ev.start_step, "the discrete run diverged before the start step").to_json()
+    for a, b, key in (("stable", "rod", "error_ratio"), ("central", "rod", "central_rod_error_ratio")):
+        if a in out and b in out:
+            out[f"{key}_final"] = M.ratio(out[a]["param_rel_error_final"], out[b]["param_rel_error_final"])
+            out[f"{key}_max"] = M.ratio(out[a]["param_rel_error_max"], out[b]["param_rel_error_max"])
+    return out

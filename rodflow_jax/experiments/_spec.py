@@ -1,0 +1,162 @@
+"""The one place that resolves and validates a run, for every command and the Python API.
+
+Problem defaults, the optimizer's hyperparameters, the step count, the start step, the models
+and the parameters a loss differentiates are decided here and nowhere else; every check raises
+:class:`~rodflow_jax.InputError` with one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._errors import InputError
+from ..flows import FLOW_KINDS, flow_kind
+from ..optimizers import AbstractOptimizer, hyperparameter_names, make_optimizer
+
+MODELS = ("discrete", *FLOW_KINDS)
+DEFAULT_MODELS = ("discrete", "stable", "rod")  # central costs Hessian eigenvectors: ask for it
+USER_DEFAULT_STEPS = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class ProblemSpec:
+    """A problem resolved for one optimizer: ``make(seed) -> (loss_fn, params0)`` and its defaults."""
+
+    label: str
+    make: Callable
+    hyperparameters: dict  # the problem's defaults for this optimizer (empty for a user problem)
+    default_steps: int
+    builtin: bool
+
+
+def is_user_problem(spec: str) -> bool:
+    return ".py" in spec or os.sep in spec
+
+
+def resolve_problem(problem, optimizer_name: str) -> ProblemSpec:
+    """A built-in name, ``path/file.py[:make]``, a :class:`~rodflow_jax.problems.Problem`, or a
+    function ``make(seed) -> (loss_fn, params0)``."""
+    from ..problems import Problem, get_problem, load_user_problem
+
+    if isinstance(problem, str) and is_user_problem(problem):
+        load_user_problem(problem, 0)  # a bad file is reported now, as one line
+        return ProblemSpec(problem, lambda seed: load_user_problem(problem, seed), {}, USER_DEFAULT_STEPS, False)
+    if isinstance(problem, str):
+        problem = get_problem(problem)
+    if isinstance(problem, Problem):
+        hp = {"learning_rate": problem.learning_rates.get(optimizer_name),
+              **problem.hyperparameters.get(optimizer_name, {})}
+        return ProblemSpec(problem.name, problem.make, hp, problem.default_steps, True)
+    if callable(problem):
+        return ProblemSpec(getattr(problem, "__name__", "user"), problem, {}, USER_DEFAULT_STEPS, False)
+    raise InputError("problem must be a problem name, a Problem or a function make(seed) -> (loss_fn, params0)")
+
+
+def hyperparameters_for(optimizer_name: str, problem: ProblemSpec, given: dict) -> dict:
+    """The problem's defaults for ``optimizer_name`` updated with ``given`` (unknown names are
+    reported by :func:`make_optimizer`); a user problem needs a learning rate."""
+    valid = set(hyperparameter_names(optimizer_name))
+    hp = {k: v for k, v in problem.hyperparameters.items() if k in valid and v is not None}
+    hp.update({k: v for k, v in given.items() if v is not None})
+    if "learning_rate" not in hp:
+        raise InputError("--learning-rate is required for a user problem")
+    return hp
+
+
+def resolve_optimizer(optimizer_name: str, problem: ProblemSpec, given: dict) -> AbstractOptimizer:
+    return make_optimizer(optimizer_name, **hyperparameters_for(optimizer_name, problem, given))
+
+
+def default_start_step(optimizer: AbstractOptimizer) -> int:
+    """``ceil(10 / (1 - beta))`` for momentum and Adam-type methods (their transient), else 0."""
+    hp = optimizer.hyperparameters()
+    beta = hp.get("momentum", hp.get("b1"))
+    if beta is None:
+        return 0
+    return int(math.ceil(10.0 / (1.0 - float(beta)) - 1e-9))
+
+
+def resolve_steps(num_steps, default: int) -> int:
+    n = default if num_steps is None else num_steps
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise InputError(f"steps must be an integer of at least 2, got {n!r}")
+    return n
+
+
+def resolve_start(start_step, optimizers: Sequence[AbstractOptimizer], num_steps: int) -> int:
+    """``"auto"``: the largest :func:`default_start_step` over the optimizers; else an integer."""
+    if start_step == "auto":
+        K = max(default_start_step(o) for o in optimizers)
+        if K > num_steps - 2:
+            raise InputError(f"the automatic start step {K} needs at least {K + 2} steps, got {num_steps}")
+        return K
+    try:
+        K = int(start_step)
+    except (TypeError, ValueError):
+        raise InputError(f"start step must be an integer or 'auto', got {start_step!r}") from None
+    if not 0 <= K <= num_steps - 2:
+        raise InputError(f"start step must lie in [0, steps - 2] = [0, {num_steps - 2}], got {K}")
+    return K
+
+
+def resolve_models(models, optimizer: AbstractOptimizer) -> list[str]:
+    """Validated model names, discrete first, each flow checked against the optimizer's type."""
+    if isinstance(models, str):
+        models = [m.strip() for m in models.split(",") if m.strip()]
+    models = list(dict.fromkeys(models))
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        raise InputError(f"unknown model(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(MODELS)}")
+    for m in models:
+        if m != "discrete":
+            flow_kind(m).check(optimizer)
+    return [m for m in MODELS if m in models]
+
+
+def differentiable(loss_fn, params0):
+    """``(loss over the inexact-array leaves, those leaves)``: an equinox module (or any pytree
+    with non-array leaves, e.g. activation functions, or integer buffers) is accepted as it is,
+    and only its floating-point arrays are trained and compared."""
+    leaves = jax.tree.leaves(params0)
+    if all(eqx.is_inexact_array(x) for x in leaves):
+        return loss_fn, params0
+    arrays, static = eqx.partition(params0, eqx.is_inexact_array)
+
+    def loss(p):
+        return loss_fn(eqx.combine(p, static))
+
+    return loss, arrays
+
+
+def check_problem(loss_fn, params0) -> None:
+    """Raise :class:`InputError` unless ``params0`` has floating leaves and ``loss_fn(params0)``
+    is a finite real scalar."""
+    leaves = jax.tree.leaves(params0)
+    if not leaves:
+        raise InputError("params0 has no floating-point array leaves")
+    for x in leaves:
+        if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+            raise InputError(f"parameters must be floating-point arrays, got dtype {jnp.asarray(x).dtype}")
+    try:
+        value = loss_fn(params0)
+    except Exception as e:  # user code: report, do not crash
+        raise InputError(f"loss_fn(params0) raised {type(e).__name__}: {e}") from None
+    shape = jnp.shape(value)
+    if shape != ():
+        raise InputError(f"loss_fn must return a scalar, got shape {shape}")
+    if not bool(jnp.isfinite(value)):
+        raise InputError(f"loss is not finite at the initial parameters ({float(value)})")
+
+
+def default_out(command: str, problem: ProblemSpec, optimizer_name: str) -> Path:
+    label = Path(problem.label.split(":")[0]).stem if not problem.builtin else problem.label
+    prefix = "" if command == "compare" else f"{command}-"
+    return Path("runs") / f"{prefix}{label}-{optimizer_name}"

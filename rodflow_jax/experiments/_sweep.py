@@ -1,0 +1,201 @@
+r"""Sweeps: every (hyperparameter, seed) configuration as one batch, a vmapped compare.
+
+The configuration axis is the cartesian product of the hyperparameter grid and the seeds. The
+optimizers of all configurations are stacked into one optimizer whose hyperparameter leaves
+have a leading batch axis (hyperparameters are array leaves, so an optimizer is vmappable), the
+initial parameters of all seeds likewise, and the batch goes through the same
+:func:`~._evaluate.evaluate` as ``compare``: one jitted, vmapped call per kernel and model. So
+each row of ``sweep.json`` is exactly the record ``compare`` writes for that configuration. A
+configuration whose discrete run diverges is frozen at that step, and its flows stop there; it
+never spreads NaNs into the others.
+
+``devices="all"`` shards the configuration axis over all devices (:mod:`._sharding`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._errors import InputError
+from ..optimizers import describe, hyperparameter_names, make_optimizer
+from ._engine import stack_trees
+from ._evaluate import evaluate
+from ._progress import say
+from ._records import run_record
+from ._sharding import config_sharding, pad_and_shard
+from ._spec import (
+    DEFAULT_MODELS,
+    check_problem,
+    differentiable,
+    hyperparameters_for,
+    resolve_models,
+    resolve_problem,
+    resolve_start,
+    resolve_steps,
+)
+
+
+def configurations(grid: dict[str, Sequence[float]], seeds: Sequence[int]) -> list[tuple[dict, int]]:
+    """The cartesian product of the grid's values (in the grid's key order) and the seeds."""
+    names = list(grid)
+    values = [list(grid[n]) for n in names]
+    return [(dict(zip(names, combo)), int(s)) for combo in itertools.product(*values) for s in seeds]
+
+
+def _seed_problems(make: Callable, seeds: Sequence[int]):
+    """The loss function of the first seed and the initial parameters of every seed."""
+    loss_fn, p0 = make(seeds[0])
+    loss_fn, p0 = differentiable(loss_fn, p0)
+    check_problem(loss_fn, p0)
+    params, structure = [p0], jax.tree.structure(p0)
+    for s in seeds[1:]:
+        loss_s, p = make(s)
+        loss_s, p = differentiable(loss_s, p)
+        if jax.tree.structure(p) != structure:
+            raise InputError(f"seed {s} gives parameters with a different structure from seed {seeds[0]}")
+        a, b = float(loss_fn(p)), float(loss_s(p))
+        if not np.isclose(a, b, rtol=1e-6, atol=0.0):  # one loss_fn serves every seed
+            raise InputError(f"the loss of make({s}) differs from that of make({seeds[0]}) ({b:g} vs {a:g}): "
+                             "a sweep needs data that do not depend on the seed")
+        params.append(p)
+    return loss_fn, params
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """One JSON-ready record per configuration, and the per-step arrays behind them."""
+
+    records: list[dict]
+    arrays: dict[str, np.ndarray]
+    info: dict[str, Any]
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def save(self, out_dir, *, overwrite: bool = False) -> Path:
+        """Write ``sweep.json``, ``sweep_info.json``, ``timings.json``, ``sweep_arrays.npz`` and the
+        figures to ``out_dir``, completely or not at all."""
+        from .._sweep_plot import plot_sweep
+        from ._output import output_dir, write_json, write_npz
+
+        with output_dir(out_dir, overwrite=overwrite) as tmp:
+            write_json(tmp / "sweep.json", self.records)
+            write_json(tmp / "sweep_info.json", self.info)
+            write_json(tmp / "timings.json", self.timings)
+            write_npz(tmp / "sweep_arrays.npz", self.arrays)
+            plot_sweep(self.records, tmp, title=f"{self.info['problem']}, {self.info['optimizer']}")
+        return Path(out_dir)
+
+
+def _validate_grid(optimizer_name: str, grid: dict, fixed: dict) -> None:
+    valid = hyperparameter_names(optimizer_name)
+    unknown = sorted((set(grid) | set(fixed)) - set(valid))
+    if unknown:
+        raise InputError(
+            f"optimizer '{optimizer_name}' takes no hyperparameter {', '.join(map(repr, unknown))}; "
+            f"it takes: {', '.join(valid)}"
+        )
+    for name, values in grid.items():
+        if len(values) == 0:
+            raise InputError(f"no values given for {name}")
+
+
+def sweep(
+    problem,
+    optimizer_name: str,
+    grid: dict[str, Sequence[float]] | None = None,
+    seeds: Sequence[int] = (0,),
+    num_steps: int | None = None,
+    *,
+    models: Sequence[str] = DEFAULT_MODELS,
+    fixed: dict[str, float] | None = None,
+    start_step: int | str = "auto",
+    probe_every: int | None = None,
+    top_k: int = 1,
+    sharpness_method: str = "auto",
+    flow_options: dict[str, dict] | None = None,
+    devices=None,
+    progress=False,
+    param_budget: float = 2e7,
+) -> SweepResult:
+    """Evaluate every (grid point, seed) configuration as one vmapped batch per kernel and model.
+
+    ``problem`` is a built-in name, a user file ``path.py:make``, a
+    :class:`~rodflow_jax.problems.Problem`, or ``make(seed) -> (loss_fn, params0)`` (the data,
+    and so ``loss_fn``, must not depend on the seed: the first seed's is used). Hyperparameters
+    not in ``grid`` come from ``fixed``, then the problem's defaults; an empty grid runs the
+    defaults. The flows all start at one step K (``"auto"``: the largest default over the
+    configurations). ``devices="all"`` shards the configuration axis over all devices.
+    """
+    grid = dict(grid or {})
+    fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
+    spec = resolve_problem(problem, optimizer_name)
+    _validate_grid(optimizer_name, grid, fixed)
+    num_steps = resolve_steps(num_steps, spec.default_steps)
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise InputError("at least one seed is needed")
+    configs = configurations(grid, seeds)
+    base = hyperparameters_for(optimizer_name, spec, {**fixed, **{k: v[0] for k, v in grid.items()}})
+    base = {k: v for k, v in base.items() if k not in grid}
+    opts = [make_optimizer(optimizer_name, **{**base, **hp}) for hp, _ in configs]  # validates each
+    models = resolve_models(models, opts[0])
+    K = resolve_start(start_step, opts, num_steps)
+    loss_fn, seed_params = _seed_problems(spec.make, seeds)
+    by_seed = dict(zip(seeds, seed_params))
+    dtype = jnp.result_type(*jax.tree.leaves(seed_params[0]))
+    optimizer = jax.tree.map(lambda x: jnp.asarray(x, dtype) if hasattr(x, "dtype") else x, stack_trees(opts))
+    params = stack_trees([by_seed[s] for _, s in configs])
+    B = len(configs)
+    sharding = config_sharding(devices)
+    optimizer, params = pad_and_shard((optimizer, params), sharding)
+    say(progress, f"sweep: {B} configurations x {num_steps} steps, models {', '.join(models)}"
+        + (f", sharded over {sharding.mesh.size} devices" if sharding else ""))
+    ev = evaluate(loss_fn, optimizer, params, num_steps, K, models, threshold_quantity=opts[0].threshold_quantity,
+                  flow_options=flow_options, probe_every=probe_every, top_k=top_k,
+                  sharpness_method=sharpness_method, param_budget=param_budget, progress=progress, batch=B)
+    records = []
+    for i, (hp, seed) in enumerate(configs):
+        rec = {"hyperparameters": {k: float(v) for k, v in hp.items()}, "seed": seed,
+               "optimizer": describe(opts[i]), "models": models}
+        records.append({**rec, **run_record(ev, i, models)})
+    arrays = {"discrete_loss": ev.loss[:B], "probe_steps": ev.probe_steps,
+              "discrete_sharpness": ev.probes.eigenvalues[:B, :, 0], "discrete_threshold": ev.probes.threshold[:B]}
+    for name, f in ev.flows.items():
+        arrays[f"{name}_loss"] = f.arrays.loss[:B]
+    info = {"problem": spec.label, "optimizer": optimizer_name, "num_steps": num_steps, "start_step": K,
+            "seeds": seeds, "grid": {k: list(map(float, v)) for k, v in grid.items()}, "fixed": base,
+            "models": models, "probe_every": int(ev.probe_steps[1] - ev.probe_steps[0]) if len(ev.probe_steps) > 1
+            else None, "num_configurations": B, "devices": sharding.mesh.size if sharding else 1}
+    return SweepResult(records, arrays, info, ev.timings)
+
+
+def values_from_range(text: str, flag: str = "value") -> list[float]:
+    """``"A:B:N"`` (N evenly spaced values), ``"A:B:N:log"`` (geometric) or ``"v1,v2,..."``."""
+    text = text.strip()
+    try:
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] not in ("log", "lin")):
+                raise ValueError
+            a, b, n = float(parts[0]), float(parts[1]), int(parts[2])
+            if n < 1:
+                raise ValueError
+            log = len(parts) == 4 and parts[3] == "log"
+            if log and (a <= 0 or b <= 0):
+                raise InputError(f"{flag}: a log range needs positive ends, got {text!r}")
+            vals = np.geomspace(a, b, n) if log else np.linspace(a, b, n)
+            return [float(v) for v in vals]
+        vals = [float(v) for v in text.split(",") if v.strip()]
+        if not vals:
+            raise ValueError
+        return vals
+    except InputError:
+        raise
+    except ValueError:
+        raise InputError(f"{flag} must be A:B:N[:log] or a comma list of numbers, got {text!r}") from None

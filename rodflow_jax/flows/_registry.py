@@ -1,0 +1,84 @@
+"""The flows by name: each declares which optimizers it supports and how it starts.
+
+Every driver (compare, sweep, hypergradients, the benchmarks) looks a flow up here; nothing
+else switches on a flow's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from .._errors import InputError, unknown_name
+from ..optimizers import AbstractOptimizer
+from . import _central, _inertial
+from ._central import central_flow
+from ._inertial import inertial_flow
+from ._rod import rod_flow
+from ._stable import stable_flow
+
+
+def _everywhere(optimizer: AbstractOptimizer) -> str | None:
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowKind:
+    """A registered flow: ``start(optimizer, loss_fn, z0, s0, z1, s1, **options) -> (flow, y0)``
+    from two consecutive discrete states, and ``supports(optimizer)`` (``None``, or why not)."""
+
+    name: str
+    start: Callable
+    supports: Callable[[AbstractOptimizer], str | None] = _everywhere
+    models_oscillation: bool = False  # whether its state carries the oscillation (a rod)
+    description: str = ""
+
+    def check(self, optimizer: AbstractOptimizer) -> None:
+        reason = self.supports(optimizer)
+        if reason is not None:
+            raise InputError(reason)
+
+
+def _from_one_state(factory):
+    """A flow that starts from ``(z0, s0)`` with ``s1`` setting the slow-state scale."""
+    return lambda optimizer, loss_fn, z0, s0, z1, s1, **kw: factory(optimizer, loss_fn, z0, s0, s1, **kw)
+
+
+def _inertial_start(rod: bool):
+    return lambda optimizer, loss_fn, z0, s0, z1, s1, **kw: inertial_flow(
+        optimizer, loss_fn, z0, s0, z1, s1, rod=rod, **kw
+    )
+
+
+FLOWS: dict[str, FlowKind] = {
+    k.name: k
+    for k in (
+        FlowKind("stable", _from_one_state(stable_flow), description="the rod collapsed to a point"),
+        FlowKind("rod", rod_flow, models_oscillation=True, description="two consecutive iterates as one rod"),
+        FlowKind("central", _from_one_state(central_flow), _central.supports,
+                 description="the time-averaged iterate (Cohen et al. 2025)"),
+        FlowKind("inertial", _inertial_start(True), _inertial.supports, models_oscillation=True,
+                 description="second-order rod flow of a momentum method"),
+        FlowKind("inertial_stable", _inertial_start(False), _inertial.supports,
+                 description="the inertial rod flow's r = 0 limit"),
+    )
+}
+FLOW_KINDS = tuple(FLOWS)
+
+
+def flow_kind(name: str) -> FlowKind:
+    try:
+        return FLOWS[name]
+    except KeyError:
+        raise unknown_name("flow", name, FLOWS) from None
+
+
+def make_flow(kind: str, optimizer, loss_fn, z0, s0, z1, s1, **options):
+    """``(flow, y0)`` of the ``kind`` flow started from two consecutive discrete states.
+
+    The rod starts at their midpoint; the stable and central flows at ``(z0, s0)`` (``s1`` sets
+    the slow-state scale). ``"inertial"`` is the second-order rod flow of a momentum method and
+    ``"inertial_stable"`` its ``r = 0`` limit. ``options`` go to the flow's own constructor
+    (:func:`rod_flow`, :func:`central_flow`, ...).
+    """
+    return flow_kind(kind).start(optimizer, loss_fn, z0, s0, z1, s1, **options)

@@ -1,0 +1,78 @@
+"""One definition of every record: a one-configuration sweep is compare; golden outputs kept."""
+
+import json
+from pathlib import Path
+
+import jax
+import pytest
+from helpers import assert_records_close, tiny_mlp
+
+import rodflow_jax as rf
+
+GOLDEN = json.loads((Path(__file__).parents[1] / "golden" / "pre_engine.json").read_text())
+
+
+def _make(seed):
+    return tiny_mlp(0)[0], tiny_mlp(seed)[1]
+
+
+@pytest.mark.parametrize("name, hp, models", [
+    ("heavy_ball", {"learning_rate": 0.4, "momentum": 0.5}, ("discrete", "stable", "rod", "inertial", "inertial_stable")),
+    ("adam", {"learning_rate": 0.02, "b1": 0.5, "b2": 0.99}, ("discrete", "stable", "rod")),
+])
+def test_one_configuration_sweep_is_compare(name, hp, models):
+    loss, p0 = _make(0)
+    opt = rf.make_optimizer(name, **hp)
+    c = rf.compare(loss, p0, opt, 50, models=models)
+    s = rf.sweep(_make, name, {k: [v] for k, v in hp.items()}, [0], 50, models=models)
+    (row,) = s.records
+    assert row.pop("hyperparameters") == hp and row.pop("seed") == 0
+    assert_records_close(row, c.metrics, rtol=1e-12)
+    for key in ("discrete_loss", *(f"{m}_loss" for m in models if m != "discrete")):
+        got = s.arrays[key][0]
+        want = c.trajectories[key][: got.shape[0]] if key == "discrete_loss" else c.trajectories[key][c.metrics["start_step"]:-1]
+        assert got.tolist() == pytest.approx(want.tolist(), rel=1e-12, nan_ok=True)
+
+
+def _golden_compare(prob, opt_name, steps):
+    p = rf.get_problem(prob)
+    loss_fn, params0 = p.make(0)
+    hp = {"learning_rate": p.learning_rates[opt_name], **p.hyperparameters.get(opt_name, {})}
+    return rf.compare(loss_fn, params0, rf.make_optimizer(opt_name, **hp), steps, sharpness_method="lanczos")
+
+
+def test_compare_keeps_the_pre_engine_numbers_on_toy():
+    """Kept on purpose: the discrete run, the flows' errors and losses (the same kernels' arithmetic).
+    Changed on purpose (README, "What changed in the engine"): probes (adaptive Lanczos), the
+    variance metric (drift-free amplitude), eos_fraction (from the onset on)."""
+    old = GOLDEN["compare/toy/gd"]["metrics"]
+    new = _golden_compare("toy", "gd", 300).metrics
+    for key in ("num_steps", "start_step", "num_params", "threshold", "eos_onset_step"):
+        assert new[key] == pytest.approx(old[key], rel=1e-9), key
+    assert new["discrete"]["final_loss"] == pytest.approx(old["discrete"]["final_loss"], rel=1e-9)
+    for flow in ("stable", "rod"):
+        for key in ("param_rel_error_max", "param_rel_error_final", "loss_rel_error_mean", "loss_window_log_error",
+                    "solver_steps", "rejected_steps"):
+            assert new[flow][key] == pytest.approx(old[flow][key], rel=1e-6), (flow, key)
+        assert new[flow]["sharpness_final"] == pytest.approx(old[flow]["sharpness_final"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_compare_keeps_the_pre_engine_numbers_on_deep_linear():
+    old = GOLDEN["compare/deep-linear/heavy_ball"]["metrics"]
+    new = _golden_compare("deep-linear", "heavy_ball", 200).metrics
+    assert new["discrete"]["final_loss"] == pytest.approx(old["discrete"]["final_loss"], rel=1e-9)
+    for flow in ("stable", "rod"):
+        for key in ("param_rel_error_max", "param_rel_error_final", "loss_rel_error_mean"):
+            assert new[flow][key] == pytest.approx(old[flow][key], rel=1e-6), (flow, key)
+
+
+def test_hypergradients_keep_the_pre_engine_values():
+    p = rf.get_problem("toy")
+    loss_fn, params0 = p.make(0)
+    opt = rf.make_optimizer("gd", learning_rate=p.learning_rates["gd"])
+    old = GOLDEN["hypergrad/toy/gd"]
+    v, g = rf.hypergradient(loss_fn, params0, opt, 100, objective="mean_loss_last:20", model="rod", start_step=0)
+    assert [v, g["learning_rate"]] == pytest.approx(old["rod_mean_loss_last:20"], rel=1e-6)
+    v, g = rf.hypergradient(loss_fn, params0, opt, 100, objective="final_loss", model="discrete")
+    assert [v, g["learning_rate"]] == pytest.approx(old["discrete_final_loss"], rel=1e-9)
