@@ -44,7 +44,8 @@ def default_solver(flow: AbstractFlow, dtype) -> SolverConfig:
     """
     double = jnp.dtype(dtype) == jnp.float64
     rtol, atol = (1e-7, 1e-9) if double else (1e-5, 1e-7)
-    stiff = isinstance(flow, StableFlow) and isinstance(flow.optimizer, AbstractAdaptiveOptimizer)
+    opt = flow.optimizer
+    stiff = isinstance(flow, StableFlow) and (isinstance(opt, AbstractAdaptiveOptimizer) or not opt.analytic_threshold)
     return SolverConfig(diffrax.Tsit5(), rtol, atol, 128 if stiff else 64)
 
 

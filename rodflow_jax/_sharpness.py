@@ -259,7 +259,9 @@ def probe_trajectory(optimizer: AbstractOptimizer, loss_fn, params, slow: Slow, 
     ``slow`` (leading axis m), a ``lax.scan`` that warm-starts each Lanczos probe from the previous
     probe's top eigenvectors (plus a little noise) and stops it by :func:`lanczos_adaptive`'s
     residual rule. ``v0`` is a flat start vector. ``method="dense"`` takes ``eigh`` of the full
-    Hessian instead (n HVPs). A state that is not finite gives NaN and keeps the warm start.
+    Hessian instead (n HVPs). An optimizer with no threshold formula (``analytic_threshold``
+    False) gets its generic edge ratio instead, with threshold 1. A state that is not finite
+    gives NaN and keeps the warm start.
     Pure: jit and vmap it.
     """
     if method not in ("lanczos", "dense"):
@@ -271,6 +273,15 @@ def probe_trajectory(optimizer: AbstractOptimizer, loss_fn, params, slow: Slow, 
         ok = tree_all_finite(p) & tree_all_finite(s)
         p = tree_where(ok, p, jax.tree.map(jnp.zeros_like, p))
         s = tree_where(ok, s, jax.tree.map(jnp.ones_like, s))
+        if not optimizer.analytic_threshold:  # no formula: the step map's own edge ratio
+            from ._edge import edge_probe
+
+            phase = optimizer.init(p)[0]  # zero fast state: exact where momenta enter linearly
+            e = edge_probe(optimizer, loss_fn, phase, s, num_iter=max_iter, v0=v)
+            good = ok & jnp.all(jnp.isfinite(e.vector))
+            ev = jnp.where(ok, jnp.reshape(e.ratio, (1,)), jnp.nan)
+            return jnp.where(good, e.vector, v), (ev, jnp.where(ok, 1.0, jnp.nan).astype(ev.dtype),
+                                                  jnp.asarray(max_iter, jnp.int32))
         f, x, inv_sqrt = _probe_operator(optimizer, loss_fn, p, s)
         if method == "dense":
             evals, evecs = _dense_eigh(f, x, inv_sqrt)

@@ -29,7 +29,10 @@ def _common(numeric_hparams: bool) -> argparse.ArgumentParser:
     """The flags every run command shares."""
     c = _Parser(add_help=False)
     c.add_argument("--problem", default=DEFAULT_PROBLEM, help="built-in name (rodflow list), or path/to/file.py:make")
-    c.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, help="one of the nine (rodflow list)")
+    c.add_argument("--optimizer", default=DEFAULT_OPTIMIZER,
+                   help="one of the nine (rodflow list), or optax:NAME for any optax optimizer")
+    c.add_argument("--opt-args", default="", help="with optax:NAME: its arguments, key=value,... "
+                   "(e.g. learning_rate=0.01,weight_decay=1e-4)")
     for name in HPARAM_FLAGS:
         c.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
                        type=_float(name) if numeric_hparams else str,
@@ -120,6 +123,8 @@ def _cmd_list() -> int:
     print("optimizers (hyperparameters, optax's names):")
     for name in OPTIMIZERS:
         print(f"  {name:18s} {', '.join(hyperparameter_names(name))}")
+    print("  optax:NAME         any optax optimizer, e.g. --optimizer optax:adamw --opt-args "
+          "learning_rate=2e-3,weight_decay=1e-4 (compare; its threshold is measured: the edge ratio)")
     return 0
 
 
@@ -166,6 +171,14 @@ def _given(args) -> dict:
     return {k: getattr(args, k) for k in HPARAM_FLAGS if getattr(args, k) is not None}
 
 
+def _opt_args(args) -> dict:
+    if not args.opt_args:
+        return {}
+    from .optimizers._optax import parse_opt_args
+
+    return parse_opt_args(args.opt_args)
+
+
 def _flow_options(args) -> dict:
     return {"central": {"k": args.central_k, "num_iter": args.central_lanczos, "restoring": args.central_restoring}}
 
@@ -175,8 +188,9 @@ def _cmd_compare(args) -> int:
     from .experiments._spec import default_out, resolve_optimizer, resolve_problem, resolve_steps
 
     spec = resolve_problem(args.problem, args.optimizer)
-    optimizer = resolve_optimizer(args.optimizer, spec, _given(args))
-    out = check_output(args.out or default_out("compare", spec, args.optimizer), overwrite=args.overwrite)
+    optimizer = resolve_optimizer(args.optimizer, spec, _given(args), _opt_args(args))
+    out = check_output(args.out or default_out("compare", spec, args.optimizer.replace(":", "-")),
+                       overwrite=args.overwrite)
     steps = resolve_steps(args.steps, spec.default_steps)
     loss_fn, params0 = spec.make(args.seed)
     result = compare(loss_fn, params0, optimizer, steps, start_step=args.start_step, models=args.models,

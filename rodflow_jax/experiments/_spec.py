@@ -71,7 +71,36 @@ def hyperparameters_for(optimizer_name: str, problem: ProblemSpec, given: dict) 
     return hp
 
 
-def resolve_optimizer(optimizer_name: str, problem: ProblemSpec, given: dict) -> AbstractOptimizer:
+def optax_optimizer(name: str, opt_args: dict, given: dict) -> AbstractOptimizer:
+    """``optax:NAME`` with ``opt_args`` (and ``--learning-rate`` etc. if given) as
+    :func:`~rodflow_jax.from_optax` of ``optax.NAME(**kwargs)``; its description lists the
+    constructor's numeric defaults too (so ``b1`` sets the default start step)."""
+    import inspect
+
+    from ..optimizers._optax import from_optax, infer_slow_decay, optax_by_name
+
+    kwargs = {**{k: v for k, v in given.items() if v is not None}, **opt_args}
+    if "learning_rate" not in kwargs:
+        raise InputError(f"optimizer '{name}' needs a learning rate (--learning-rate or --opt-args learning_rate=...)")
+    tx = optax_by_name(name.split(":", 1)[1], **kwargs)
+    factory = optax_by_name.__globals__["optax"]
+    for part in name.split(":", 1)[1].split("."):
+        factory = getattr(factory, part)
+    try:
+        defaults = {k: p.default for k, p in inspect.signature(factory).parameters.items()
+                    if isinstance(p.default, (int, float)) and not isinstance(p.default, bool)}
+    except (TypeError, ValueError):
+        defaults = {}
+    opt = from_optax(tx, name=name, hyperparameters={**defaults, **kwargs})
+    return opt
+
+
+def resolve_optimizer(optimizer_name: str, problem: ProblemSpec, given: dict, opt_args: dict | None = None
+                      ) -> AbstractOptimizer:
+    if optimizer_name.startswith("optax:"):
+        return optax_optimizer(optimizer_name, opt_args or {}, given)
+    if opt_args:
+        raise InputError("--opt-args goes with --optimizer optax:NAME")
     return make_optimizer(optimizer_name, **hyperparameters_for(optimizer_name, problem, given))
 
 

@@ -57,6 +57,9 @@ class AbstractOptimizer(eqx.Module):
 
     name: ClassVar[str]
     threshold_quantity: ClassVar[str] = "sharpness"  # what ``threshold`` bounds (a label for outputs)
+    # False for an optimizer with no threshold formula (``from_optax``): probes then measure the
+    # generic edge ratio of its step map (``rodflow_jax._edge``), which is 1 at the edge
+    analytic_threshold: ClassVar[bool] = True
 
     learning_rate: Any
 

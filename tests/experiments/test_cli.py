@@ -98,3 +98,26 @@ def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "mlp-digits" in out and "scalar_nadam" in out
+
+
+def test_compare_any_optax_optimizer(tmp_path, user_file):
+    out = tmp_path / "ox"
+    rc = main(["compare", "--problem", f"{user_file}:make", "--optimizer", "optax:adamw", "--opt-args",
+               "learning_rate=0.02,weight_decay=1e-4,b1=0.5", "--steps", "40", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["threshold_quantity"] == "edge ratio" and m["optimizer"]["weight_decay"] == 1e-4
+    assert m["start_step"] == 20  # b1 = 0.5 from --opt-args sets the default start, as for adam
+    assert m["rod"]["sharpness_ratio_final"] is not None
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--optimizer", "optax:adamx", "--opt-args", "learning_rate=0.1"], "unknown optax optimizer"),
+    (["--optimizer", "optax:adamw", "--opt-args", "learning_rate=0.1,bogus=1"], "bogus"),
+    (["--optimizer", "optax:adamw"], "needs a learning rate"),
+    (["--optimizer", "gd", "--opt-args", "learning_rate=0.1"], "--opt-args goes with"),
+])
+def test_bad_optax_input_is_one_line(tmp_path, user_file, args, match, capsys):
+    rc = main(["compare", "--problem", f"{user_file}:make", *args, "--steps", "5", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and match in err, err
