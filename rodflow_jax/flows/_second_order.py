@@ -1,0 +1,160 @@
+r"""The second-order (backward-error-corrected) generator, written once for every flow.
+
+The rod and stable flows use the generator ``v(y) = R(y) - y`` of their one-step map ``R``. Its
+unit-time map ``phi_1(y) = y + v + (1/2) Dv[v] + O(v^3)`` agrees with ``R(y) = y + v`` only to
+first order. Backward error analysis (Hairer, Lubich & Wanner, *Geometric Numerical
+Integration*, ch. IX) gives the field whose unit-time map is ``R`` to second order,
+
+.. math::
+
+    f = v - \tfrac12\, Dv[v] + O(v^3),
+
+which costs one Jacobian-vector product of ``v`` per evaluation (``jax.linearize`` evaluates ``v``
+once and pushes ``v`` itself through as the tangent: forward over the reverse-mode gradients
+inside ``v``).
+
+*On a linear mode.* If ``R`` multiplies a mode by ``mu``, the three generators move it by
+
+    first order   exp(mu - 1)                  error  (mu - 1)^2 / 2
+    second order  exp((mu-1) - (mu-1)^2/2)     error -(mu - 1)^3 / 3
+    exact         exp(log mu) = mu             (real only for mu > 0)
+
+For GD on a quadratic the rod's r-mode has ``mu = eta lambda - 1`` after the flip; with
+``eps = eta lambda - 2`` the first-order flow grows it by ``e^eps`` per step instead of
+``1 + eps`` (the early first catapult), the second-order flow by ``e^{eps - eps^2/2}``
+(``1 + eps - eps^3/3 + O(eps^4)``). At ``eps = 0.2`` (sharpness 1.1x the threshold) the
+per-step factor errors are 2.1e-2 and 2.5e-3; at ``eps = 0.5``, 0.149 and 0.045 (tests).
+
+*Is there a better principled construction?* The exact generator is ``log R``, which for a
+linear mode is ``log mu``: the Lie series continues ``+ (1/3)(mu-1)^3 - ...`` and the
+nonlinear third-order term needs a second derivative of ``v`` (``D^2 v[v, v]``) as well as
+``Dv[Dv[v]]``: two more nested JVPs per evaluation. The series converges only for
+``|mu - 1| < 1``, and three limits make the second-order polynomial ``q(x) = x - x^2/2``
+(``x = mu - 1``) the sensible place to stop:
+
+- the modes that matter for catapults have ``|x|`` small (the r-mode at the edge:
+  ``x = eps``; the slow centre modes: ``x = -eta lambda``), where ``q`` is within ``|x|^3/3``;
+- modes with ``mu < 0`` (the rod's r-modes along flat directions, ``mu ~ -1``; the centre's
+  sharp mode, ``mu = 1 - eta lambda ~ -1``) have no real logarithm at all. Both generators
+  damp them, the first-order one at rate ``|x| <= 2``, the second-order one at ``|q(x)| <= 4``:
+  the corrected flow is about twice as stiff (measured: 1.5-1.7x the solver steps for GD on
+  mlp-digits, ``benchmarks/second_order.py``);
+- ``q`` peaks at ``x = 1`` and is negative for ``x > 2``: an r-mode with ``mu > 2`` grows
+  *more slowly* than at ``mu = 2``, and one with ``mu > 3`` is damped. For GD (``mu = eta
+  lambda - 1``) that is 1.5x and 2x the threshold, outside the edge of stability (mlp-digits:
+  at most 1.25x). For heavy ball the flipped r-multiplier moves ``1/(1 - beta)`` times faster
+  (``d mu / d(eta lambda) = 1/(1 - beta)`` at the threshold): at momentum 0.9, ``mu = 2`` at
+  1.14x and ``mu = 3`` at 1.37x the threshold. Measured on mlp-digits (heavy ball, 0.3, 0.9):
+  the corrected rod's r-mode cannot keep up with the sharpening, the sharpness overshoots to
+  1.5x, the loss spikes at step 88 (discrete: 45) and the rod lands at 2.5x the threshold,
+  where its r-mode is damped: ``|r|`` sits at rounding level for the rest of the run, no
+  catapult follows, and the solve costs ~15 solver steps per step (``|q| ~ 15`` there). So
+  the correction is for rods whose r-multiplier stays within ``|mu - 1| < 1`` (GD-like); with
+  momentum it is not usable. Adam's ``(w, m)`` rod has the same structure (``det = b1``); not
+  measured on a real run.
+
+A Pade (1,1) generator ``2 (R - I)(R + I)^{-1}`` would be third-order accurate (error
+``x^3/12``) and monotone, but needs a linear solve with the Jacobian of ``R`` per evaluation
+and is singular exactly at the ``mu = -1`` modes that every rod has; it is not used.
+
+*Other flows.* The wrapper takes any flow and corrects *its* field ``v``. For the rod and
+stable flows that field is the map's increment, so ``f`` is the second-order generator of the
+optimizer's rod (or one-step) map, for all nine optimizers. The inertial flows' field is not
+``R - id`` (it is exact on the velocity contraction instead, at the rate
+``-log(beta)/(1 - beta)``), and the correction breaks it: at a fixed point the corrected
+Jacobian is ``J - J^2/2``, so an eigenvalue ``a`` becomes ``a - a^2/2`` and a rotation
+``a = i w`` gains the growth rate ``w^2/2``. The inertial rod's ``rho``-block rotates at
+``w ~ sqrt(kappa (2 + 2 beta)) ~ 2`` rad per step along flat directions: the corrected inertial
+flow grows those modes by ``e^1.9`` per step (heavy ball and Nesterov at momentum 0.9, tests)
+and blows up within a few steps. Wrapping an inertial flow is allowed (the construction is
+generic) but not useful; for a momentum method correct its plain rod flow instead. A rod's field
+has eigenvalues ``x = mu - 1`` and ``|mu| < 1`` implies ``Re q(x) < -(Re x)^2 <= 0`` (from
+``(Im x)^2 < -2 Re x - (Re x)^2``): every mode the map damps, the corrected rod damps too.
+The central flow's field runs Lanczos and a complementarity solve; it is not differentiable
+everywhere and is not supported.
+
+*Cost.* One linearisation of ``v`` plus one tangent pass per evaluation, and the damped modes at
+twice the rate. Measured on mlp-digits (GD, 1000 steps, ``benchmarks/second_order.py``): 1.7-2.1x
+the time per evaluation, 1.5-1.7x the solver steps, 2.8-3.2x the run time per simulated step.
+
+*The early first catapult.* The first-order rod's first catapult on mlp-digits (GD) comes 31
+steps early at the default tolerance (rtol 1e-7, atol 1e-9), the corrected rod's 22 steps. Most
+of the gap is not the generator but the seed: at that tolerance the explicit solver runs at the
+stability limit of the ``mu ~ -1`` r-modes, which then sit at the tolerance (``|r| ~ 3e-8``
+before the edge instead of ~1e-16) and seed the instability. At rtol 1e-9, atol 1e-11 both
+rods reach rounding level before the edge and fire within 7 steps of the discrete run (first
+order -7, second order -6).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .._tree import tree_axpy
+from ._base import AbstractFlow
+
+
+class SecondOrderFlow(AbstractFlow):
+    r"""``inner`` with its field ``v`` replaced by ``v - (1/2) Dv[v]``.
+
+    Everything but the field (centre, predicted loss, slow state, ``|r|``, scaling) is the inner
+    flow's, so the corrected flow starts from the inner flow's initial state and is read the
+    same way; ``optimizer``, ``loss_fn`` and ``scale`` are the inner flow's.
+    """
+
+    inner: AbstractFlow
+
+    def __init__(self, inner: AbstractFlow):
+        if isinstance(inner, SecondOrderFlow):
+            raise TypeError("the flow is already second order")
+        self.optimizer = inner.optimizer
+        self.loss_fn = inner.loss_fn
+        self.scale = inner.scale
+        self.inner = inner
+
+    def field_and_derivative(self, t, y, args):
+        """``(v, Dv[v])`` at ``y``: ``v`` linearised once (one primal pass), then one tangent pass."""
+        v, dv = jax.linearize(lambda z: self.inner.vector_field(t, z, args), y)
+        return v, dv(v)
+
+    def vector_field(self, t, y, args):
+        v, dv = self.field_and_derivative(t, y, args)
+        return tree_axpy(-0.5, dv, v)
+
+    def centre(self, y):
+        return self.inner.centre(y)
+
+    def predicted_loss(self, y) -> jax.Array:
+        return self.inner.predicted_loss(y)
+
+    def slow(self, y):
+        return self.inner.slow(y)
+
+    @property
+    def models_oscillation(self) -> bool:
+        return self.inner.models_oscillation
+
+    def half_norm(self, y) -> jax.Array:
+        return self.inner.half_norm(y)
+
+    def predicted_variance(self, y) -> jax.Array:
+        inner = getattr(self.inner, "predicted_variance", None)
+        return inner(y) if inner is not None else jnp.square(self.inner.half_norm(y))
+
+
+def second_order(flow: AbstractFlow) -> SecondOrderFlow:
+    """The second-order (backward-error-corrected) version of ``flow``; see the module."""
+    return SecondOrderFlow(flow)
+
+
+def second_order_solver(flow: AbstractFlow, dtype):
+    """The default solver of ``flow``'s inner flow with twice its step budget per simulated step
+    (the corrected field damps the ``mu ~ -1`` modes at rate ~4 instead of ~2, so an explicit
+    solver takes up to twice the steps). Pass as ``integrate(..., config=...)``."""
+    from .._integrate import SolverConfig, default_solver  # late: _integrate imports flows
+
+    inner = flow.inner if isinstance(flow, SecondOrderFlow) else flow
+    base = default_solver(inner, dtype)
+    return SolverConfig(base.solver, base.rtol, base.atol, 2 * base.max_steps_per_step)
+

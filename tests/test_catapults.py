@@ -1,0 +1,205 @@
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rodflow_jax as rf
+from rodflow_jax._catapults import (
+    CatapultMatch,
+    detect_catapults,
+    first_on_time,
+    loss_floor,
+    match_catapults,
+    sharpness_drop,
+)
+
+
+def _bump(k, centre, height, width=4.0):
+    return height * np.exp(-0.5 * ((k - centre) / width) ** 2)
+
+
+def _valley(n=1000, centres=(200, 450, 700), height=1.0):
+    """A slowly falling loss with a factor-(1 + height) spike at each of ``centres``."""
+    k = np.arange(n, dtype=float)
+    base = 0.5 * np.exp(-k / 800.0)
+    return k, base * (1.0 + sum(_bump(k, c, height) for c in centres))
+
+
+def test_known_spikes_are_found_on_their_rising_flank():
+    k, loss = _valley()
+    found = detect_catapults(loss)
+    assert len(found) == 3
+    for step, centre in zip(found, (200, 450, 700)):
+        # 1.5x the baseline is crossed where the bump reaches 0.5: 4.7 steps before its centre
+        assert centre - 8 <= step <= centre - 2
+
+
+def test_small_bumps_and_slow_drift_are_not_spikes():
+    k, loss = _valley(height=0.3)  # peaks at 1.3x: below rise = 1.5
+    assert detect_catapults(loss).size == 0
+    assert detect_catapults(loss, rise=1.2).size == 3
+    assert detect_catapults(np.linspace(1.0, 0.1, 500)).size == 0
+
+
+def test_spikes_closer_than_merge_are_one():
+    k = np.arange(600, dtype=float)
+    loss = 0.1 * (1.0 + _bump(k, 200, 2.0) + _bump(k, 222, 2.0) + _bump(k, 400, 2.0) + _bump(k, 460, 2.0))
+    found = detect_catapults(loss, merge=25)
+    assert len(found) == 3 and found[0] < 200 and 390 < found[1] < 400 and 450 < found[2] < 460
+    assert len(detect_catapults(loss, merge=0)) == 4  # no merging: the rebound counts too
+    assert len(detect_catapults(loss, merge=80)) == 2
+
+
+def test_a_catapult_that_leaves_the_loss_higher_still_ends():
+    """The spike ends when the loss has fallen by the factor ``rise`` from its peak, so a second
+    catapult from the raised plateau is found."""
+    k = np.arange(800, dtype=float)
+    loss = 0.01 * np.where(k < 250, 1.0, 3.0) + 0.05 * (_bump(k, 250, 1.0) + _bump(k, 550, 1.0))
+    found = detect_catapults(loss)
+    assert len(found) == 2 and 240 < found[0] <= 250 and 540 < found[1] < 550
+
+
+def test_nan_tail_and_empty_input():
+    k, loss = _valley(centres=(200,))
+    tail = loss.copy()
+    tail[600:] = np.nan
+    np.testing.assert_array_equal(detect_catapults(tail), detect_catapults(loss[:600]))
+    # a blow-up that is still rising when the loss becomes non-finite is the divergence itself
+    blow = loss.copy()
+    blow[500:520] = loss[500] * np.exp(np.arange(20.0))
+    blow[520:] = np.inf
+    np.testing.assert_array_equal(detect_catapults(blow), detect_catapults(loss[:500]))
+    # ... while a spike still open at the end of a finite run is kept
+    assert len(detect_catapults(blow[:510])) == 2
+    assert detect_catapults([]).size == 0
+    assert detect_catapults(np.full(50, np.nan)).size == 0
+    assert detect_catapults([np.nan, 1.0, 5.0]).size == 0  # cut at the first non-finite entry
+
+
+def test_negative_losses():
+    """The toy's loss goes negative: it is measured from min - 1 % of its range."""
+    k = np.arange(600, dtype=float)
+    loss = 0.5 * np.exp(-k / 20.0) - 8e-4 + 0.02 * (_bump(k, 300, 1.0) + _bump(k, 480, 1.0))
+    assert loss.min() < 0
+    floor = loss_floor(loss)
+    assert floor == pytest.approx(loss.min() - 0.01 * (loss.max() - loss.min()))
+    found = detect_catapults(loss)
+    assert len(found) == 2 and 290 < found[0] < 300 and 470 < found[1] < 480
+    # with an explicit floor the rule is invariant under a shift of the loss
+    np.testing.assert_array_equal(detect_catapults(loss + 5.0, floor=floor + 5.0), found)
+    # noise at the floor is not a spike
+    flat = -1e-3 + 1e-7 * np.random.default_rng(0).standard_normal(400)
+    flat[0] = 0.5
+    assert detect_catapults(flat).size == 0
+    assert loss_floor(np.array([0.3, 0.1])) == 0.0
+
+
+def _sharpness_with_one_drop(coarse=10):
+    steps = np.arange(0, 1000, coarse)
+    sharp = 10.0 + 0.01 * np.sin(steps)  # the edge-of-stability plateau, 0.1 % wander
+    sharp = sharp * np.where((steps >= 205) & (steps < 300), 0.85, 1.0)  # a 15 % drop after step 200 only
+    sharp[::7] = np.nan  # missed probes
+    return steps, sharp
+
+
+def test_a_spike_without_a_sharpness_drop_is_rejected():
+    k, loss = _valley()
+    ss, sharp = _sharpness_with_one_drop()
+    kept = detect_catapults(loss, sharpness=sharp, sharpness_steps=ss)
+    np.testing.assert_array_equal(kept, detect_catapults(loss)[:1])
+    first = detect_catapults(loss)[0]
+    assert sharpness_drop(first, sharp, ss) == pytest.approx(0.15, abs=2e-3)
+    assert detect_catapults(loss, sharpness=sharp, sharpness_steps=ss, drop=0.2).size == 0
+    # no finite probe near a spike: no evidence, rejected
+    blind = np.where(ss < 400, np.nan, sharp)
+    assert detect_catapults(loss, sharpness=blind, sharpness_steps=ss).size == 0
+    with pytest.raises(ValueError):
+        detect_catapults(loss, sharpness=sharp)  # 100 probes for 1000 steps need their steps
+
+
+def test_steps_are_reported_in_step_units():
+    k, loss = _valley()
+    found = detect_catapults(loss)
+    np.testing.assert_array_equal(detect_catapults(loss, steps=k.astype(int) + 100), found + 100)
+    with pytest.raises(ValueError):
+        detect_catapults(loss, steps=k[:-1])
+
+
+def test_match_is_optimal_not_greedy():
+    # greedy in order would pair 190 with 100; the optimal assignment pairs it with 200
+    m = match_catapults([100, 200], [190])
+    assert m.matched == ((200, 190),)
+    assert m.count_difference == -1 and m.mean_timing_error == 10.0
+    assert m.first_timing_error == 90 and not m.first_within
+    m = match_catapults([341, 500, 700], [310, 480, 690, 900])
+    assert m.matched == ((341, 310), (500, 480), (700, 690))
+    assert m.count_difference == 1
+    assert m.mean_timing_error == pytest.approx((31 + 20 + 10) / 3)
+    assert m.first_timing_error == -31 and not m.first_within
+    m = match_catapults([341, 500, 700], [310, 480, 690, 900], tolerance=25)
+    assert m.matched == ((500, 480), (700, 690))
+
+
+def test_first_within_and_empty_matches():
+    assert first_on_time(1000, 1030) and not first_on_time(1000, 1031)  # 3 % of 1000
+    assert first_on_time(100, 85) and not first_on_time(100, 116)  # 15 steps
+    assert match_catapults([342], [330]).first_within
+    empty = match_catapults([], [])
+    assert empty.first_within and empty.first_timing_error is None and empty.mean_timing_error is None
+    one = match_catapults([342], [])
+    assert not one.first_within and one.count_difference == -1 and one.matched == ()
+
+
+def test_match_record_is_plain_json():
+    m = match_catapults(np.array([341, 500]), np.array([np.int64(310)]), tolerance=50.0)
+    assert isinstance(m, CatapultMatch)
+    d = m.to_json()
+    assert json.loads(json.dumps(d)) == d
+    assert d["matched"] == [[341, 310]] and d["tolerance"] == 50.0 and d["first_within"] is False
+    assert all(type(x) is int for x in d["reference"] + d["model"])
+
+
+def _midpoint_sharpness(loss_fn, params, every):
+    """Top Hessian eigenvalue at the discrete midpoints ``(z_k + z_{k+1})/2``, every ``every`` steps."""
+    probe = eqx.filter_jit(jax.vmap(lambda p: rf.top_eigenvalues(loss_fn, p, 1, method="lanczos", num_iter=30)[0]))
+    n = jax.tree.leaves(params)[0].shape[0] - 1
+    steps = np.arange(0, n, every)
+    mids = jax.tree.map(lambda x: 0.5 * (jnp.asarray(x[steps]) + jnp.asarray(x[steps + 1])), params)
+    return steps, np.asarray(probe(mids))
+
+
+@pytest.mark.parametrize(
+    "name, hp, expected",
+    [
+        # GD at the problem's rate: one catapult, at step 342 (sharpness 12.4 -> 10.2, 18 %)
+        ("gd", {"learning_rate": 0.2}, [342]),
+        # heavy ball at momentum 0.9 (the fidelity grid's rate): eight catapults, drops 10-25 %
+        ("heavy_ball", {"learning_rate": 0.3, "momentum": 0.9}, [45, 99, 150, 251, 386, 502, 642, 856]),
+    ],
+)
+def test_catapults_of_a_real_run(name, hp, expected):
+    problem = rf.get_problem("mlp-digits")
+    loss_fn, params0 = problem.make(0)
+    if name == "gd":
+        assert hp["learning_rate"] == problem.learning_rates["gd"]
+    run = rf.run_discrete(rf.make_optimizer(name, **hp), loss_fn, params0, 1000)
+    assert jax.tree.leaves(run.params)[0].dtype == jnp.float64
+    avg = 0.5 * (run.loss[:-1] + run.loss[1:])
+    found = detect_catapults(avg)
+    # onsets are seeded at rounding level: allow a few steps, not more
+    assert len(found) == len(expected)
+    np.testing.assert_allclose(found, expected, atol=3)
+    ss, sharp = _midpoint_sharpness(loss_fn, run.params, every=10)
+    kept = detect_catapults(avg, sharpness=sharp, sharpness_steps=ss)
+    np.testing.assert_array_equal(kept, found)
+    drops = [sharpness_drop(s, sharp, ss) for s in found]
+    assert min(drops) > 0.08
+    if name == "gd":
+        # GD's later loss bumps (+15-35 %) are a train of mini-catapults with 2-4.5 % sharpness
+        # drops: found at rise 1.15, and rejected by the default 5 % sharpness rule
+        mini = detect_catapults(avg, rise=1.15)
+        assert len(mini) >= 6 and abs(mini[0] - found[0]) <= 3
+        assert len(detect_catapults(avg, rise=1.15, sharpness=sharp, sharpness_steps=ss)) <= 2
