@@ -26,9 +26,9 @@ import numpy as np  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 import rodflow_jax as rf  # noqa: E402
-from rodflow_jax._discrete import run_discrete  # noqa: E402
-from rodflow_jax._io import write_json  # noqa: E402
-from rodflow_jax._sharpness import lanczos  # noqa: E402
+from rodflow_jax import run_discrete  # noqa: E402
+from rodflow_jax.experiments import write_json  # noqa: E402
+from rodflow_jax import lanczos  # noqa: E402
 
 FLOWS = ("stable", "rod", "central")
 KEYS = (

@@ -34,8 +34,8 @@ import equinox as eqx  # noqa: E402
 import numpy as np  # noqa: E402
 
 import rodflow_jax as rf  # noqa: E402
-from rodflow_jax._discrete import run_discrete  # noqa: E402
-from rodflow_jax._io import write_json  # noqa: E402
+from rodflow_jax import run_discrete  # noqa: E402
+from rodflow_jax.experiments import write_json  # noqa: E402
 
 TSIT5_NEW_EVALS = 6
 START = {"mlp-digits": 200, "cnn-digits": 180}  # after the measured GD onsets (160, 140)

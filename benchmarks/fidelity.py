@@ -31,7 +31,7 @@ import numpy as np
 jax.config.update("jax_enable_x64", True)
 
 import rodflow_jax as rf  # noqa: E402
-from rodflow_jax._io import write_json  # noqa: E402
+from rodflow_jax.experiments import write_json  # noqa: E402
 
 PROBLEMS = ["toy", "deep-linear", "mlp-digits", "cnn-digits", "transformer-sort"]
 OPTIMIZERS = list(rf.OPTIMIZERS)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from rodflow_jax import sweep
-from rodflow_jax._io import write_json
+from rodflow_jax.experiments import write_json
 from rodflow_jax.problems import get_problem
 
 

@@ -30,8 +30,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rodflow_jax import hypergradient, make_optimizer  # noqa: E402
-from rodflow_jax._hypergrad import objective_fn  # noqa: E402
-from rodflow_jax._io import write_json  # noqa: E402
+from rodflow_jax.experiments import objective_fn  # noqa: E402
+from rodflow_jax.experiments import write_json  # noqa: E402
 from rodflow_jax.problems import get_problem  # noqa: E402
 
 

@@ -19,7 +19,7 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 import rodflow_jax as rf  # noqa: E402
-from rodflow_jax._io import write_json  # noqa: E402
+from rodflow_jax.experiments import write_json  # noqa: E402
 
 NAMES = ["gd", "heavy_ball", "nesterov", "rmsprop", "scalar_rmsprop", "adam", "scalar_adam", "nadam", "scalar_nadam"]
 TSIT5_EVALS_PER_STEP = 6  # first-same-as-last: six new stages per attempted step

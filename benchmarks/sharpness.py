@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 import rodflow_jax as rf  # noqa: E402
-from rodflow_jax._io import write_json  # noqa: E402
-from rodflow_jax.problems._digits import digits_data, init_mlp, mlp_apply, mse_loss  # noqa: E402
+from rodflow_jax.experiments import write_json  # noqa: E402
+from rodflow_jax.problems import digits_data, init_mlp, mlp_apply, mse_loss  # noqa: E402
 
 ITERS = (5, 10, 15, 20, 25, 30, 40, 60)
 

@@ -23,8 +23,12 @@ import diffrax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import rodflow_jax as rf  # noqa: E402
-from rodflow_jax._compare import _rows  # noqa: E402
-from rodflow_jax._io import write_json  # noqa: E402
+from rodflow_jax.experiments import write_json  # noqa: E402
+
+
+def _rows(tree):
+    leaves = jax.tree.leaves(tree)
+    return np.concatenate([np.asarray(x).reshape(x.shape[0], -1) for x in leaves], axis=1)
 
 CANDIDATES = [
     ("Tsit5", 1e-5, 1e-7),

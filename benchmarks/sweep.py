@@ -22,9 +22,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rodflow_jax._io import write_json
-from rodflow_jax._sweep import prepare_batch, run_discrete_batch, run_flow_batch
-from rodflow_jax.problems import get_problem
+import rodflow_jax as rf
+from rodflow_jax.experiments import rollout_batch, solve_batch, stack_trees, write_json
 
 
 def _maxrss_mb() -> float:
@@ -46,20 +45,22 @@ def _timed(f):
 
 
 def bench(problem: str, B: int, steps: int, probe_every: int, probe_iter: int, loop_max: int, models) -> dict:
-    prob = get_problem(problem)
+    """The engine's own kernels (rollout, solve), batched over B configurations and at batch 1."""
+    prob = rf.get_problem(problem)
     lr0 = prob.learning_rates["gd"]
     lrs = list(np.geomspace(0.25 * lr0, 2.0 * lr0, B))
-    configs, _, loss_fn, opt, params, _ = prepare_batch(prob.make, "gd", {"learning_rate": lrs}, [0], {})
+    loss_fn, p0 = prob.make(0)
+    opt = stack_trees([rf.make_optimizer("gd", learning_rate=lr) for lr in lrs])
+    params = stack_trees([p0] * B)
     res = {"num_configurations": B, "steps": steps, "learning_rates": [min(lrs), max(lrs)]}
+    save = [0, 1]
 
     def disc(o, p):
-        return run_discrete_batch(o, loss_fn, p, steps, probe_every, probe_iter)
+        return rollout_batch(o, p, loss_fn, steps, save)
 
-    # discrete: vmapped
     d, first = _timed(lambda: disc(opt, params))
     d, run = _timed(lambda: disc(opt, params))
     res["discrete"] = {"vmap_first_call_s": first, "vmap_run_s": run, "vmap_compile_s": max(first - run, 0.0)}
-    # discrete: loop
     n_loop = min(B, loop_max)
     _, first1 = _timed(lambda: disc(_index(opt, 0), _index(params, 0)))
     t = time.perf_counter()
@@ -67,21 +68,26 @@ def bench(problem: str, B: int, steps: int, probe_every: int, probe_iter: int, l
     loop = (time.perf_counter() - t) * B / n_loop
     res["discrete"].update(loop_run_s=loop, loop_compile_s=max(first1 - loop / B, 0.0), loop_timed_configs=n_loop,
                            speedup=loop / run, maxrss_mb=_maxrss_mb())
-    np.testing.assert_allclose(singles[-1]["loss"][0], d["loss"][n_loop - 1], rtol=2e-4)
+    np.testing.assert_allclose(singles[-1].loss[0], d.loss[n_loop - 1], rtol=2e-4)
     if "rod" in models:
-        def rod(o, p, dd):
-            return run_flow_batch("rod", o, loss_fn, p, dd, 0, steps, probe_iter)
+        def states(r, sl=slice(None)):
+            phase, slow = jax.tree.map(lambda x: x[sl], r.saved)
+            at = lambda j: jax.tree.map(lambda x: x[:, j], (phase, slow))  # noqa: E731
+            return (*at(0), *at(1))
 
-        r, first = _timed(lambda: rod(opt, params, d))
-        r, run = _timed(lambda: rod(opt, params, d))
-        nsteps = np.asarray(r[-1])
+        def rod(o, st, b):
+            return solve_batch("rod", o, loss_fn, st, np.arange(0, steps), np.asarray([steps - 1]), np.full(b, np.inf))
+
+        r, first = _timed(lambda: rod(opt, states(d), B))
+        r, run = _timed(lambda: rod(opt, states(d), B))
+        nsteps = np.asarray(r.num_steps)
         res["rod"] = {"vmap_first_call_s": first, "vmap_run_s": run, "vmap_compile_s": max(first - run, 0.0),
                       "solver_steps_max": int(nsteps.max()), "solver_steps_mean": float(nsteps.mean()),
-                      "failed": int((~np.asarray(r[4])).sum())}
-        _, first1 = _timed(lambda: rod(_index(opt, 0), _index(params, 0), singles[0]))
+                      "failed": int((np.asarray(r.result) != 0).sum())}
+        _, first1 = _timed(lambda: rod(_index(opt, 0), states(singles[0]), 1))
         t = time.perf_counter()
         for i in range(n_loop):
-            _block(rod(_index(opt, i), _index(params, i), singles[i]))
+            _block(rod(_index(opt, i), states(singles[i]), 1))
         loop = (time.perf_counter() - t) * B / n_loop
         # the vmapped while loop runs until its slowest member finishes: the bound on the speed-up
         res["rod"].update(loop_run_s=loop, loop_compile_s=max(first1 - loop / B, 0.0), loop_timed_configs=n_loop,

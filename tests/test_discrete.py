@@ -10,8 +10,8 @@ def test_divergence_is_recorded_not_raised():
     loss = lambda w: 0.5 * jnp.sum(jnp.array([1.0, 50.0]) * w**2)  # noqa: E731
     run = run_discrete(rf.make_optimizer("gd", learning_rate=1.0), loss, jnp.ones(2), 400, chunk_size=32)
     assert run.diverged
-    # |w_2| grows 49x per step, so the loss 25 * 49^(2k) overflows float64 at k = 91
-    assert run.diverged_at == 91
+    # |w_2| grows 49x per step: L(z_2) = 1.4e8 passes 1e6 (1 + L(z_0)) = 2.7e7 (overflow would be k = 91)
+    assert run.diverged_at == 2
     assert np.all(np.isnan(run.loss[run.diverged_at :]))
     assert np.all(np.isfinite(run.loss[: run.diverged_at]))
 
@@ -28,3 +28,26 @@ def test_sparse_saving_matches_dense():
         np.testing.assert_allclose(np.asarray(a[0].params["out"]), np.asarray(b[0].params["out"]))
         np.testing.assert_allclose(np.asarray(a[1].nu["out"]), np.asarray(b[1].nu["out"]))
     assert len(dense.loss) == 51 and not dense.diverged
+
+
+def test_drift_free_amplitude_of_a_period_two_orbit_with_drift():
+    """GD at eta * lambda = 2 on x bounces x_k = (-1)^k x_0; a linear term in y drifts y by eta c per
+    step. The half step counts the drift, the drift-free amplitude removes it exactly."""
+    eta, x0, c = 0.5, 0.3, 0.2
+    loss = lambda w: 0.5 * (2.0 / eta) * w[0] ** 2 + c * w[1]  # noqa: E731
+    run = run_discrete(rf.make_optimizer("gd", learning_rate=eta), loss, jnp.array([x0, 0.0]), 20)
+    np.testing.assert_allclose(run.amplitude[1:], x0, rtol=1e-12)
+    np.testing.assert_allclose(run.half, np.hypot(x0, eta * c / 2), rtol=1e-12)
+    assert np.isnan(run.amplitude[0])
+
+
+def test_a_diverging_configuration_is_frozen_and_spreads_nothing():
+    from rodflow_jax.experiments import rollout_batch, stack_trees
+
+    loss = lambda w: 0.5 * jnp.sum(jnp.array([1.0, 50.0]) * w**2)  # noqa: E731
+    opts = stack_trees([rf.make_optimizer("gd", learning_rate=lr) for lr in (0.01, 1.0)])
+    r = rollout_batch(opts, stack_trees([jnp.ones(2)] * 2), loss, 30, [30])
+    assert list(r.diverged_at) == [-1, 2]
+    assert np.all(np.isfinite(r.loss[0])) and np.all(np.isnan(r.loss[1, 2:]))
+    phase, _ = r.saved
+    assert np.all(np.isfinite(phase.params[1]))  # frozen at its last finite state

@@ -6,6 +6,7 @@ probe loop), ``_evaluate`` lines them up for a batch, ``_records`` defines every
 nothing a user has is lost.
 """
 
+from .._discrete import init_carry as init_carry, rollout_chunk as rollout_chunk
 from ._compare import Comparison as Comparison, compare as compare, trajectories as trajectories
 from ._engine import (
     FlowArrays as FlowArrays,

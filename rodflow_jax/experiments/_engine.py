@@ -118,9 +118,28 @@ def solve_batch(kind: str, optimizer, loss_fn, states, ts, param_ts, stop_at, *,
     """The ``kind`` flow of every configuration from its ``states = (z0, s0, z1, s1)`` (stacked),
     over ``ts`` (integer steps), stopped at ``stop_at`` (B,) (``inf``: never)."""
     dtype = jax.tree.leaves(states[0])[0].dtype
-    sol = _solve_b(kind, optimizer, loss_fn, states, jnp.asarray(ts, dtype), jnp.asarray(param_ts, dtype),
+    n, m = len(ts), len(param_ts)
+    # save times padded (repeating the end) to a bucket of sizes, so runs of nearby lengths share
+    # one compilation; the padding is sliced off again
+    ts_p, pts_p = _pad(np.asarray(ts), _bucket(n)), _pad(np.asarray(param_ts), _bucket(m))
+    sol = _solve_b(kind, optimizer, loss_fn, states, jnp.asarray(ts_p, dtype), jnp.asarray(pts_p, dtype),
                    jnp.asarray(stop_at, dtype), dict(options or {}), config, progress)
-    return FlowArrays(*jax.tree.map(np.asarray, tuple(sol)))
+    sol = jax.tree.map(np.asarray, tuple(sol))
+    loss, half, centre, slow, var = sol[:5]
+    trim = lambda x, k: x[:, :k]  # noqa: E731
+    return FlowArrays(trim(loss, n), trim(half, n), jax.tree.map(lambda x: trim(x, m), centre),
+                      jax.tree.map(lambda x: trim(x, m), slow), trim(var, m), *sol[5:])
+
+
+def _bucket(n: int) -> int:
+    """The next of 16, 32, 64, ... (and multiples of 512 past that) at or above ``n``."""
+    if n <= 512:
+        return max(16, 1 << (n - 1).bit_length())
+    return -(-n // 512) * 512
+
+
+def _pad(x: np.ndarray, size: int) -> np.ndarray:
+    return np.concatenate([x, np.full(size - len(x), x[-1], x.dtype)]) if len(x) else x
 
 
 # --- probes -------------------------------------------------------------------------------------

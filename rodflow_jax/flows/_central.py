@@ -64,7 +64,7 @@ from .._tree import tree_sub
 from ..optimizers import GD, AbstractOptimizer, AbstractRMSProp, Phase, Slow
 from ..optimizers._base import ema, second_moment_feed
 from ._base import AbstractFlow, slow_scale
-from ._complementarity import solve_psd_complementarity, sym_basis, to_mat, to_vec
+from ._complementarity import _eigh, solve_psd_complementarity, sym_basis, to_mat, to_vec
 
 _HI = jax.lax.Precision.HIGHEST
 

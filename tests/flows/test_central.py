@@ -146,7 +146,8 @@ def test_compare_central_holds_the_edge_where_the_stable_flow_passes_it():
     m, tr = res.metrics["central"], res.trajectories
     assert not m["failed"] and not res.metrics["stable"]["failed"]
     assert m["param_rel_error_final"] is not None and "variance_window_log_error" in m
-    assert tr["central_variance"].shape == (82, 2) and np.isfinite(tr["central_variance"][20:81]).all()
+    v = tr["central_variance"]  # tr Sigma on the comparison grid (every step here)
+    assert v.shape == (82,) and np.isfinite(v[20:81]).all() and np.isnan(v[81])
     assert np.isfinite(tr["central_loss"][20:81]).all()
     central = tr["central_sharpness"][:, 0] / tr["central_threshold"]
     stable = tr["stable_sharpness"][:, 0] / tr["stable_threshold"]
