@@ -50,6 +50,8 @@ from .optimizers import (
     Slow as Slow,
     make_optimizer as make_optimizer,
 )
+from .optimizers._optax import from_optax as from_optax
+from .flows import SecondOrderFlow as SecondOrderFlow, second_order as second_order
 from .problems import PROBLEMS as PROBLEMS, get_problem as get_problem, load_user_problem as load_user_problem
 
 __version__ = "0.2.0"

@@ -42,7 +42,7 @@ def loss_scale(ax, *series) -> None:
         ax.set_yscale("log")
         return
     pos = np.abs(vals[vals != 0])
-    ax.set_yscale("symlog", linthresh=float(np.percentile(pos, 10)) if pos.size else 1.0)
+    ax.set_yscale("symlog", linthresh=float(np.percentile(pos, 25)) if pos.size else 1.0)
 
 
 def _mark_divergence(ax, metrics) -> None:
@@ -61,6 +61,13 @@ def _loss_panel(ax, traj, metrics):
             ax.plot(step, traj[f"{m}_loss"], color=COLORS[m], lw=1.2, label=f"{m} flow")
             shown.append(traj[f"{m}_loss"])
     loss_scale(ax, *shown)
+    for m in ("discrete", *FLOW_NAMES):  # catapults: a triangle at each start
+        steps = (metrics.get(m) or {}).get("catapult_steps") or []
+        key = "discrete_avg_loss" if m == "discrete" else f"{m}_loss"
+        if steps and key in traj:
+            y = np.asarray(traj[key], float)[np.asarray(steps)]
+            ax.plot(steps, y, "v", color=COLORS[m], ms=6, mec="k", mew=0.4,
+                    label="catapults" if m == "discrete" else None)
     _mark_divergence(ax, metrics)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

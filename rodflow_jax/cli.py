@@ -145,11 +145,18 @@ def _fmt(x) -> str:
 def _table(metrics) -> str:
     from .flows import FLOW_KINDS
 
-    rows = [f"{'model':15s} {'final loss':>10s} {'err final':>10s} {'err max':>10s} {'sharp/thr':>10s}  status"]
+    rows = [f"{'model':15s} {'final loss':>10s} {'err final':>10s} {'err max':>10s} {'sharp/thr':>10s} "
+            f"{'catapults':>9s} {'first':>6s} {'dt':>5s}  status"]
     d = metrics["discrete"]
     status = f"diverged at step {d['diverged_at']}" if d.get("diverged") else "ok"
+
+    def cat(e, dt=None):
+        n = len(e.get("catapult_steps") or [])
+        first = e.get("first_catapult_step")
+        return f"{n:9d} {first if first is not None else '-':>6} {dt if dt is not None else '-':>5}"
+
     rows.append(f"{'discrete':15s} {_fmt(d.get('final_loss'))} {_fmt(None)} {_fmt(None)} "
-                f"{_fmt(d.get('sharpness_ratio_final'))}  {status}")
+                f"{_fmt(d.get('sharpness_ratio_final'))} {cat(d)}  {status}")
     for m in FLOW_KINDS:
         e = metrics.get(m)
         if e is None:
@@ -157,13 +164,15 @@ def _table(metrics) -> str:
         st = f"failed at step {e.get('failed_at')} ({e.get('message') or 'non-finite'})" if e.get("failed") else (
             e.get("message") or "ok")
         rows.append(f"{m:15s} {_fmt(e.get('final_loss'))} {_fmt(e.get('param_rel_error_final'))} "
-                    f"{_fmt(e.get('param_rel_error_max'))} {_fmt(e.get('sharpness_ratio_final'))}  {st}")
+                    f"{_fmt(e.get('param_rel_error_max'))} {_fmt(e.get('sharpness_ratio_final'))} "
+                    f"{cat(e, e.get('first_catapult_timing_error'))}  {st}")
     if metrics.get("error_ratio_final") is not None:
         mx = metrics.get("error_ratio_max")
         rows.append(f"stable/rod error ratio: final {metrics['error_ratio_final']:.3g}"
                     + (f", max {mx:.3g}" if mx is not None else ""))
     rows.append(f"edge of stability (discrete): sharpness >= 95% of threshold at step {metrics.get('eos_onset_step')}"
-                f", crosses it at step {metrics.get('eos_crossing_step')}")
+                f", crosses it at step {metrics.get('eos_crossing_step')}, first catapult at step "
+                f"{metrics.get('first_catapult_step')} (dt: a flow's first catapult minus the discrete one)")
     return "\n".join(rows)
 
 

@@ -22,7 +22,15 @@ so a one-configuration sweep reports exactly what ``compare`` reports. Definitio
   last probe; ``sharpness_ratio_final`` = sharpness / threshold.
 * ``eos_onset_step``: first probed step with sharpness >= 95 % of the threshold;
   ``eos_crossing_step``: first probed step with sharpness >= the threshold (both by
-  :func:`~rodflow_jax._metrics.first_upcrossing`).
+  :func:`~rodflow_jax._metrics.first_upcrossing`). The top-level ``eos_onset_step`` is the
+  discrete run's 95 % step.
+* ``catapult_steps`` / ``first_catapult_step``: the first step of each loss spike with a
+  matching sharpness drop (:func:`~rodflow_jax._catapults.detect_catapults`: the loss rises
+  1.5x over its running minimum, spikes within 25 steps are one, and the sharpness drops 5 %
+  within 50 steps), in the discrete averaged loss ``(L(z_k) + L(z_{k+1}))/2`` and in each
+  flow's predicted loss; a flow adds ``catapult_count_difference`` (flow - discrete),
+  ``catapult_mean_timing_error`` (mean |step error| of matched catapults) and
+  ``first_catapult_timing_error`` (signed; negative = early).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from .. import _metrics as M
+from .._catapults import detect_catapults, match_catapults
 
 MEAN_FRACTION = 0.2
 
@@ -58,6 +67,8 @@ class ModelRecord(Record):
     sharpness_ratio_final: float | None
     eos_onset_step: int | None
     eos_crossing_step: int | None
+    catapult_steps: list
+    first_catapult_step: int | None
     probe_cost: dict
 
 
@@ -80,6 +91,9 @@ class FlowRecord(ModelRecord):
     message: str
     solver_steps: int
     rejected_steps: int
+    catapult_count_difference: int | None
+    catapult_mean_timing_error: float | None
+    first_catapult_timing_error: int | None
 
 
 def _sharpness_fields(steps, eig, thr, hvps) -> dict[str, Any]:
@@ -94,12 +108,26 @@ def _sharpness_fields(steps, eig, thr, hvps) -> dict[str, Any]:
     )
 
 
+def catapults(loss, steps, eig, probe_steps) -> list[int]:
+    sharp = eig[:, 0] if eig.size else np.zeros(0)
+    if not np.isfinite(loss).any():
+        return []
+    return [int(k) for k in detect_catapults(loss, steps, sharpness=sharp, sharpness_steps=probe_steps)]
+
+
+def discrete_catapults(ev, i: int) -> list[int]:
+    return catapults(ev.avg_loss[i], np.arange(ev.num_steps), ev.probes.eigenvalues[i], ev.probe_steps)
+
+
 def discrete_record(ev, i: int) -> DiscreteRecord:
     loss = ev.loss[i]
     div = int(ev.diverged_at[i])
+    cat = discrete_catapults(ev, i)
     return DiscreteRecord(
         final_loss=None if div >= 0 else M.last_finite(loss),
         mean_loss=M.mean_last(loss, MEAN_FRACTION),
+        catapult_steps=cat,
+        first_catapult_step=cat[0] if cat else None,
         **_sharpness_fields(ev.probe_steps, ev.probes.eigenvalues[i], ev.probes.threshold[i], ev.probes.hvps[i]),
         diverged=div >= 0,
         diverged_at=div if div >= 0 else None,
@@ -132,9 +160,17 @@ def flow_record(ev, name: str, i: int) -> FlowRecord:
         edge = ev.flow_grid >= (onset if onset is not None else N)
         amp2 = M.moving_average(ev.amplitude[i][ev.flow_grid] ** 2)
         vwin = M.windowed_log_loss_error(f.arrays.variance[i][edge], amp2[edge], window=max(1, 50 // ev.every))
+    cat = catapults(loss, ts, f.probes.eigenvalues[i], f.probe_steps)
+    ref = [k for k in discrete_catapults(ev, i) if k >= K]
+    match = match_catapults(ref, cat)
     return FlowRecord(
         final_loss=M.last_finite(loss[-1:]),
         mean_loss=M.mean_last(loss, MEAN_FRACTION),
+        catapult_steps=cat,
+        first_catapult_step=cat[0] if cat else None,
+        catapult_count_difference=int(match.count_difference),
+        catapult_mean_timing_error=match.mean_timing_error,
+        first_catapult_timing_error=match.first_timing_error,
         **_sharpness_fields(f.probe_steps, f.probes.eigenvalues[i], f.probes.threshold[i], f.probes.hvps[i]),
         flow=name,
         param_rel_error_final=M.last_finite(err),
@@ -153,7 +189,8 @@ def flow_record(ev, name: str, i: int) -> FlowRecord:
 def missing_flow(name: str, start_step: int, message: str) -> FlowRecord:
     """The record of a flow that could not start (its discrete run diverged before step K + 1)."""
     none = {f.name: None for f in dataclasses.fields(FlowRecord)}
-    return FlowRecord(**{**none, "flow": name, "probe_cost": ProbeCost(0, 0).to_json(), "failed": True,
+    return FlowRecord(**{**none, "flow": name, "probe_cost": ProbeCost(0, 0).to_json(), "catapult_steps": [],
+                         "failed": True,
                          "failed_at": start_step, "message": message, "solver_steps": 0, "rejected_steps": 0})
 
 
@@ -169,6 +206,7 @@ def run_record(ev, i: int, models) -> dict[str, Any]:
         "eos_onset_step": d.eos_onset_step,
         "eos_crossing_step": d.eos_crossing_step,
         "eos_fraction": M.eos_fraction(ev.probe_steps, ev.ratio(i)),
+        "first_catapult_step": d.first_catapult_step,
         "discrete": d.to_json(),
     }
     for name in models:

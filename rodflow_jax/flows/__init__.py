@@ -19,3 +19,4 @@ from ._registry import (
 )
 from ._rod import RodFlow as RodFlow, RodState as RodState, rod_flow as rod_flow
 from ._stable import StableFlow as StableFlow, StableState as StableState, stable_flow as stable_flow
+from ._second_order import SecondOrderFlow as SecondOrderFlow, second_order as second_order

@@ -18,8 +18,11 @@ def test_compare_metrics_and_files(tmp_path):
     assert m["optimizer"] == {"name": "gd", "learning_rate": 0.5}
     assert m["start_step"] == 0 and m["threshold"] == pytest.approx(4.0)
     for model in ("stable", "rod"):
-        for key in ("param_rel_error_max", "param_rel_error_final", "loss_rel_error_mean", "sharpness_final", "failed"):
+        for key in ("param_rel_error_max", "param_rel_error_final", "loss_rel_error_mean", "sharpness_final", "failed",
+                    "catapult_steps", "first_catapult_step", "catapult_count_difference",
+                    "catapult_mean_timing_error", "first_catapult_timing_error"):
             assert key in m[model]
+    assert {"catapult_steps", "first_catapult_step", "eos_crossing_step"} <= set(m["discrete"])
     t = result.trajectories
     assert t["discrete_loss"].shape == (61,) and t["rod_loss"].shape == (61,)
     np.testing.assert_allclose(t["rod_loss"][0], t["discrete_avg_loss"][0], rtol=1e-12)  # rod starts on mid_0

@@ -160,3 +160,12 @@ def test_values_from_range():
     assert np.allclose(values_from_range("0.01:1:3:log"), [0.01, 0.1, 1.0])
     assert values_from_range("0.5,0.7") == [0.5, 0.7]
     assert jnp.asarray(values_from_range("2")).shape == (1,)
+
+
+def test_cli_sweep_of_a_builtin_needs_no_grid(tmp_path):
+    out = tmp_path / "sw"
+    rc = main(["sweep", "--problem", "quadratic", "--optimizer", "gd", "--steps", "20", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    (rec,) = json.loads((out / "sweep.json").read_text())
+    assert rec["hyperparameters"] == {} and rec["optimizer"]["learning_rate"] == pytest.approx(0.18)
