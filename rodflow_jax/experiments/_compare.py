@@ -70,7 +70,7 @@ def trajectories(ev: Evaluation, i: int = 0) -> dict[str, np.ndarray]:
         traj[f"{name}_sharpness_step"] = f.probe_steps
         traj[f"{name}_sharpness"] = f.probes.eigenvalues[i]
         traj[f"{name}_threshold"] = f.probes.threshold[i]
-        if ev.models_oscillation(name):
+        if ev.predicts_variance(name):
             traj[f"{name}_half_norm"] = _full(ev.flow_steps, f.arrays.half_norm[i], N + 1)
             traj[f"{name}_variance"] = _full(ev.flow_grid, f.arrays.variance[i], N + 1)
     return traj

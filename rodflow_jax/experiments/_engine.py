@@ -39,6 +39,21 @@ def unstack(tree, i: int):
     return jax.tree.map(lambda x: x[i] if eqx.is_array(x) else x, tree)
 
 
+def placed_like(tree, ref):
+    """``tree``'s arrays on the same (configuration-axis) sharding as ``ref``'s, so one kernel
+    never mixes a sharded batch with a single-device one (XLA's CPU collectives can stall on it)."""
+    arrays = [x for x in jax.tree.leaves(ref) if isinstance(x, jax.Array)]
+    sharding = arrays[0].sharding if arrays else None
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return tree
+    return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), sharding), tree)
+
+
+def _sharded(tree) -> bool:
+    arrays = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+    return bool(arrays) and isinstance(arrays[0].sharding, jax.sharding.NamedSharding)
+
+
 def batch_size(tree) -> int:
     return int(jax.tree.leaves(eqx.filter(tree, eqx.is_array))[0].shape[0])
 
@@ -122,8 +137,9 @@ def solve_batch(kind: str, optimizer, loss_fn, states, ts, param_ts, stop_at, *,
     # save times padded (repeating the end) to a bucket of sizes, so runs of nearby lengths share
     # one compilation; the padding is sliced off again
     ts_p, pts_p = _pad(np.asarray(ts), _bucket(n)), _pad(np.asarray(param_ts), _bucket(m))
+    states, stop = placed_like((states, np.asarray(stop_at, dtype)), optimizer)
     sol = _solve_b(kind, optimizer, loss_fn, states, jnp.asarray(ts_p, dtype), jnp.asarray(pts_p, dtype),
-                   jnp.asarray(stop_at, dtype), dict(options or {}), config, progress)
+                   stop, dict(options or {}), config, progress)
     sol = jax.tree.map(np.asarray, tuple(sol))
     loss, half, centre, slow, var = sol[:5]
     trim = lambda x, k: x[:, :k]  # noqa: E731
@@ -159,7 +175,14 @@ def _probe_b(optimizer, loss_fn, params, slow, v, k, method, max_iter, tol):
 
 def probe_batch(optimizer, loss_fn, params, slow, *, k: int = 1, method: str = "lanczos", max_iter: int = 40,
                 tol: float = 1e-3, chunk: int = 8, progress: bool = False, desc: str = "sharpness") -> ProbeArrays:
-    """Probes at the stacked states ``params``/``slow`` (leading axes (B, m)), warm-started along m."""
+    """Probes at the stacked states ``params``/``slow`` (leading axes (B, m)), warm-started along m.
+
+    A batch sharded over several devices is probed on one device: the partitioned probe kernel
+    stalled XLA's CPU backend (2 fake CPU devices, jax 0.10.2), where the rollout and the solve
+    run partitioned fine. Probes are a small share of a sweep's time (README)."""
+    if _sharded(optimizer):
+        optimizer = jax.tree.map(lambda x: jax.device_put(x, jax.devices()[0]) if isinstance(x, jax.Array) else x,
+                                 optimizer)
     leaves = jax.tree.leaves(params)
     B, m = leaves[0].shape[:2]
     if m == 0:

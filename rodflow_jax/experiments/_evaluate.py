@@ -78,8 +78,8 @@ class Evaluation:
     def onset(self, i: int) -> int | None:
         return M.eos_onset_step(self.probe_steps, self.ratio(i))
 
-    def models_oscillation(self, name: str) -> bool:
-        return flow_kind(name).models_oscillation or name == "central"
+    def predicts_variance(self, name: str) -> bool:
+        return flow_kind(name).predicts_variance
 
 
 def grids(num_params: int, num_steps: int, batch: int, probe_every: int | None, param_budget: float):

@@ -155,7 +155,7 @@ def flow_record(ev, name: str, i: int) -> FlowRecord:
     late = M.late_window(ev.flow_grid, K, N)
     lerr = M.loss_rel_error(loss, avg)
     vwin = None
-    if ev.models_oscillation(name):
+    if ev.predicts_variance(name):
         onset = ev.onset(i)
         edge = ev.flow_grid >= (onset if onset is not None else N)
         amp2 = M.moving_average(ev.amplitude[i][ev.flow_grid] ** 2)

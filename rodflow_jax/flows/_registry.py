@@ -31,6 +31,7 @@ class FlowKind:
     start: Callable
     supports: Callable[[AbstractOptimizer], str | None] = _everywhere
     models_oscillation: bool = False  # whether its state carries the oscillation (a rod)
+    predicts_variance: bool = False  # whether ``predicted_variance`` is a prediction (rods, central)
     description: str = ""
 
     def check(self, optimizer: AbstractOptimizer) -> None:
@@ -54,11 +55,12 @@ FLOWS: dict[str, FlowKind] = {
     k.name: k
     for k in (
         FlowKind("stable", _from_one_state(stable_flow), description="the rod collapsed to a point"),
-        FlowKind("rod", rod_flow, models_oscillation=True, description="two consecutive iterates as one rod"),
-        FlowKind("central", _from_one_state(central_flow), _central.supports,
+        FlowKind("rod", rod_flow, models_oscillation=True, predicts_variance=True,
+                 description="two consecutive iterates as one rod"),
+        FlowKind("central", _from_one_state(central_flow), _central.supports, predicts_variance=True,
                  description="the time-averaged iterate (Cohen et al. 2025)"),
         FlowKind("inertial", _inertial_start(True), _inertial.supports, models_oscillation=True,
-                 description="second-order rod flow of a momentum method"),
+                 predicts_variance=True, description="second-order rod flow of a momentum method"),
         FlowKind("inertial_stable", _inertial_start(False), _inertial.supports,
                  description="the inertial rod flow's r = 0 limit"),
     )

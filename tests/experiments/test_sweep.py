@@ -82,14 +82,14 @@ SHARDED = textwrap.dedent(
     from helpers import assert_records_close, tiny_mlp
     from rodflow_jax import sweep
     make = lambda seed: (tiny_mlp(0)[0], tiny_mlp(seed)[1])
-    assert len(jax.devices()) == 4, jax.devices()
+    assert len(jax.devices()) == 2, jax.devices()
     kw = dict(models=("discrete", "rod"), probe_every=10)
-    grid = {{"learning_rate": [0.3, 0.7, 1.0]}}  # 6 configurations, padded to 8
-    a = sweep(make, "gd", grid, [0, 1], 20, devices="all", **kw)
-    b = sweep(make, "gd", grid, [0, 1], 20, devices=None, **kw)
+    grid = {{"learning_rate": [0.3, 0.7, 1.0]}}  # 3 configurations x 1 seed, padded to 4
+    a = sweep(make, "gd", grid, [0], 20, devices="all", **kw)
+    b = sweep(make, "gd", grid, [0], 20, devices=None, **kw)
     for k in a.arrays:
         np.testing.assert_allclose(a.arrays[k], b.arrays[k], rtol=1e-10, atol=1e-14)
-    assert a.info["devices"] == 4 and len(a.records) == 6
+    assert a.info["devices"] == 2 and len(a.records) == 3
     for ra, rb in zip(a.records, b.records):
         assert_records_close(ra, rb, rtol=1e-9)
     print("SHARDED_OK")
@@ -97,10 +97,11 @@ SHARDED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sharded_equals_unsharded(tmp_path):
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED.format(tests=str(Path(__file__).parents[1])))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert "SHARDED_OK" in out.stdout, out.stderr[-3000:]
 
