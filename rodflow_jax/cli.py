@@ -289,6 +289,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("rodflow: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `rodflow list | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
