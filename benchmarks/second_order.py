@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 import rodflow_jax as rf  # noqa: E402
 from rodflow_jax._catapults import detect_catapults, match_catapults  # noqa: E402
 from rodflow_jax._integrate import default_solver  # noqa: E402
+from rodflow_jax.experiments import write_json  # noqa: E402
 from rodflow_jax.flows._second_order import second_order, second_order_solver  # noqa: E402
 
 TOLERANCES = {"default": (1e-7, 1e-9), "tight": (1e-9, 1e-11)}
@@ -255,25 +256,9 @@ def main():
         "total_wall_s": time.perf_counter() - t0,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(_clean(out), indent=2) + "\n")
+    write_json(Path(args.out), out)
     print(f"wrote {args.out} ({out['total_wall_s']:.0f} s)")
 
-
-def _clean(x):
-    """JSON-safe: numpy scalars to Python, non-finite floats to None."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _clean(x.tolist())
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
 
 
 if __name__ == "__main__":

@@ -49,3 +49,17 @@ def assert_records_close(a, b, rtol=1e-9, path=""):
         assert np.isclose(a, b, rtol=rtol, atol=0.0), (path, a, b)
     else:
         assert a == b, (path, a, b)
+
+
+def optax_counterparts():
+    """The optax optimizers the built-ins reproduce (the scalar variants have none)."""
+    import optax
+
+    return {
+        "gd": lambda lr: optax.sgd(lr),
+        "heavy_ball": lambda lr: optax.sgd(lr, momentum=0.9),
+        "nesterov": lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True),
+        "rmsprop": lambda lr: optax.rmsprop(lr),
+        "adam": lambda lr: optax.adam(lr),
+        "nadam": lambda lr: optax.nadam(lr),
+    }

@@ -20,18 +20,11 @@ from rodflow_jax.optimizers._optax import (
     parse_opt_args,
 )
 
-from helpers import flat, lr_for, tiny_mlp
+from helpers import optax_counterparts, flat, lr_for, tiny_mlp
 
 # the optax counterparts of the built-ins (as in test_optimizers.py); the scalar variants have
 # none in optax: scalar RMSProp is checked below through a user-written transformation
-COUNTERPARTS = {
-    "gd": lambda lr: optax.sgd(lr),
-    "heavy_ball": lambda lr: optax.sgd(lr, momentum=0.9),
-    "nesterov": lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True),
-    "rmsprop": lambda lr: optax.rmsprop(lr),
-    "adam": lambda lr: optax.adam(lr),
-    "nadam": lambda lr: optax.nadam(lr),
-}
+COUNTERPARTS = optax_counterparts()
 
 OPTAX_ONLY = {
     "adamw_1e-2": lambda: optax.adamw(0.01, weight_decay=1e-2),

@@ -5,16 +5,9 @@ import optax
 import pytest
 
 import rodflow_jax as rf
-from helpers import flat, lr_for, tiny_mlp
+from helpers import optax_counterparts, flat, lr_for, tiny_mlp
 
-OPTAX = {
-    "gd": lambda lr: optax.sgd(lr),
-    "heavy_ball": lambda lr: optax.sgd(lr, momentum=0.9),
-    "nesterov": lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True),
-    "rmsprop": lambda lr: optax.rmsprop(lr),
-    "adam": lambda lr: optax.adam(lr),
-    "nadam": lambda lr: optax.nadam(lr),
-}
+OPTAX = optax_counterparts()
 
 
 def _run_ours(opt, loss, params, n):
