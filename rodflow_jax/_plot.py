@@ -42,7 +42,15 @@ def loss_scale(ax, *series) -> None:
         ax.set_yscale("log")
         return
     pos = np.abs(vals[vals != 0])
-    ax.set_yscale("symlog", linthresh=float(np.percentile(pos, 25)) if pos.size else 1.0)
+    lt = float(np.percentile(pos, 25)) if pos.size else 1.0
+    ax.set_yscale("symlog", linthresh=lt)
+    # ticks: 0 and the decades clear of the linear band (no crowd of +-linthresh labels at 0)
+    top = np.abs(vals).max()
+    ticks = [0.0]
+    for e in range(int(np.floor(np.log10(lt))) + 1, int(np.ceil(np.log10(top))) + 1):
+        t = 10.0**e
+        ticks += [x for x in (t, -t) if vals.min() * 1.5 <= x <= vals.max() * 1.5 or abs(x) <= top]
+    ax.set_yticks(sorted(set(ticks)))
 
 
 def _mark_divergence(ax, metrics) -> None:
