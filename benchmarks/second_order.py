@@ -32,7 +32,6 @@ It also tabulates the per-step growth factor of a linear r-mode (GD on a quadrat
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import time

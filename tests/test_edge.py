@@ -105,6 +105,7 @@ def test_from_optax_gives_the_builtin_ratio(name, tx):
         assert 1e-4 < 1 - fed / frozen < 0.05
 
 
+@pytest.mark.slow
 def test_optax_only_probes():
     loss, params = tiny_mlp()
     for tx in (optax.adamw(0.01, weight_decay=1e-2),

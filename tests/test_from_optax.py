@@ -270,6 +270,7 @@ def test_flow_vector_fields_equal_builtin_adam(b2):
                 assert err > 1e-4
 
 
+@pytest.mark.slow
 def test_integrated_flows_match_builtin_adam():
     """Over 20 steps the integrated rod (exact slow feed) and stable flows agree with the
     built-in's to well inside the solver tolerance (rtol 1e-7): the vector fields are equal, but

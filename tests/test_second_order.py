@@ -111,6 +111,7 @@ def test_rod_orientation_symmetry_and_zero_half_vector(optimizer_name):
     assert np.all(flat(d_rod.half) == 0.0)
 
 
+@pytest.mark.slow
 def test_zero_half_vector_integrates_to_the_corrected_stable_flow():
     opt, loss, z0, s0, z1, s1 = _start("gd")
     rod, y = rf.rod_flow(opt, loss, z0, s0, z1, s1)
@@ -124,6 +125,7 @@ def test_zero_half_vector_integrates_to_the_corrected_stable_flow():
     assert np.all(a.half_norm == 0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, hp", [("adam", {}), ("heavy_ball", {"momentum": 0.9})])
 def test_unit_time_map_is_closer_to_the_rod_map(name, hp):
     """The rod's field is ``R - id``, so the discrete rod map is ``y + v(y)`` exactly (for true
@@ -146,6 +148,7 @@ def test_unit_time_map_is_closer_to_the_rod_map(name, hp):
     assert err_c[1] < 0.5 * err_c[0], err_c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["heavy_ball", "nesterov"])
 def test_inertial_flows_wrap_but_do_not_become_second_order(name):
     """The wrapper works for the inertial flows (symmetry, ``rho = 0`` limit), but does not make
@@ -205,6 +208,7 @@ def test_the_correction_anti_damps_the_inertial_rotation(name):
     assert b.real.max() > 1.0  # |Im a| ~ 2: growth e^2 per step
 
 
+@pytest.mark.slow
 def test_integrate_and_solver_budget():
     opt, loss, z0, s0, z1, s1 = _start("gd", steps=30)
     rod, y = rf.rod_flow(opt, loss, z0, s0, z1, s1)

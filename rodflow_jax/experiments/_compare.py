@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._errors import InputError
 from .._integrate import SolverConfig
 from ..optimizers import AbstractOptimizer, describe
 from ._evaluate import Evaluation, evaluate
@@ -53,7 +54,7 @@ def _full(steps, values, length: int, fill=np.nan) -> np.ndarray:
 
 def trajectories(ev: Evaluation, i: int = 0) -> dict[str, np.ndarray]:
     """The per-step arrays of configuration ``i`` (``trajectories.npz``)."""
-    N, K = ev.num_steps, ev.start_step
+    N = ev.num_steps
     traj: dict[str, np.ndarray] = {
         "step": np.arange(N + 1),
         "discrete_loss": ev.loss[i],
@@ -106,12 +107,8 @@ def compare(
     models = resolve_models(models, optimizer)
     K = resolve_start(start_step, [optimizer], num_steps)
     if top_k < 1:
-        from .._errors import InputError
-
         raise InputError(f"top-k must be at least 1, got {top_k}")
     if probe_every is not None and probe_every < 1:
-        from .._errors import InputError
-
         raise InputError(f"probe-every must be at least 1, got {probe_every}")
     loss_fn, params0 = differentiable(loss_fn, params0)
     check_problem(loss_fn, params0)

@@ -130,7 +130,6 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
     live = ~diverged | (r.diverged_at > K + 1)
     if live.any():
         states = tuple(jax.tree.map(lambda x: x[:, pos[j]], s) for j in (K, K + 1) for s in (phase, slow))
-        states = (states[0], states[1], states[2], states[3])
         stop = np.where(diverged, np.maximum(r.diverged_at, K) - 1.0, np.inf)
         for name in models:
             if name == "discrete":

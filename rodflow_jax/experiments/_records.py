@@ -15,9 +15,9 @@ so a one-configuration sweep reports exactly what ``compare`` reports. Definitio
 * ``variance_window_log_error`` (flows that model the oscillation): the same windowed log error
   between the flow's predicted variance (``|r|^2``; the central flow's ``tr Sigma``) and the
   discrete run's drift-free squared half amplitude ``(|z_{k+1} - 2 z_k + z_{k-1}|/4)^2``,
-  over the edge phase only (from the discrete onset on): before the edge the rod's ``r`` is at
-  rounding level and so is the true oscillation, and the drift-inclusive half step is not an
-  oscillation at all.
+  over the established edge phase only (from the discrete run's first catapult, else from its
+  onset): before it the rod's ``r`` and the true oscillation both grow from rounding level, and
+  the drift-inclusive half step is not an oscillation at all.
 * ``sharpness_*``: the (preconditioned) sharpness the optimizer's threshold bounds, at the
   last probe; ``sharpness_ratio_final`` = sharpness / threshold.
 * ``eos_onset_step``: first probed step with sharpness >= 95 % of the threshold;
@@ -156,7 +156,11 @@ def flow_record(ev, name: str, i: int) -> FlowRecord:
     lerr = M.loss_rel_error(loss, avg)
     vwin = None
     if ev.predicts_variance(name):
-        onset = ev.onset(i)
+        # the established edge phase: from the discrete run's first catapult (before it the
+        # oscillation grows from rounding level, and *when* it does is the catapult-timing
+        # metric's business), or from the onset where there is no catapult
+        cats = discrete_catapults(ev, i)
+        onset = cats[0] if cats else ev.onset(i)
         edge = ev.flow_grid >= (onset if onset is not None else N)
         amp2 = M.moving_average(ev.amplitude[i][ev.flow_grid] ** 2)
         vwin = M.windowed_log_loss_error(f.arrays.variance[i][edge], amp2[edge], window=max(1, 50 // ev.every))

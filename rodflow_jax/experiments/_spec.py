@@ -77,7 +77,7 @@ def optax_optimizer(name: str, opt_args: dict, given: dict) -> AbstractOptimizer
     constructor's numeric defaults too (so ``b1`` sets the default start step)."""
     import inspect
 
-    from ..optimizers._optax import from_optax, infer_slow_decay, optax_by_name
+    from ..optimizers._optax import from_optax, optax_by_name
 
     kwargs = {**{k: v for k, v in given.items() if v is not None}, **opt_args}
     if "learning_rate" not in kwargs:
@@ -91,8 +91,7 @@ def optax_optimizer(name: str, opt_args: dict, given: dict) -> AbstractOptimizer
                     if isinstance(p.default, (int, float)) and not isinstance(p.default, bool)}
     except (TypeError, ValueError):
         defaults = {}
-    opt = from_optax(tx, name=name, hyperparameters={**defaults, **kwargs})
-    return opt
+    return from_optax(tx, name=name, hyperparameters={**defaults, **kwargs})
 
 
 def resolve_optimizer(optimizer_name: str, problem: ProblemSpec, given: dict, opt_args: dict | None = None

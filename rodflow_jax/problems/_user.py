@@ -15,7 +15,6 @@ import uuid
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ._base import InputError
 

@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import jax
 import pytest
 from helpers import assert_records_close, tiny_mlp
 

@@ -137,6 +137,7 @@ def test_unsupported_optimizer_is_an_input_error():
         rf.compare(loss, params, opt, 10, models=["discrete", "central"])
 
 
+@pytest.mark.slow
 def test_compare_central_holds_the_edge_where_the_stable_flow_passes_it():
     """GD reaches the edge near step 45: from step 20 the stable flow sharpens past the
     threshold, the central flow holds it there (probed every 10 steps)."""

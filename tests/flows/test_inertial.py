@@ -140,6 +140,7 @@ def test_unsupported_optimizers_are_refused():
         make_flow("inertial_stable", opt, loss, z, s, z, s)
 
 
+@pytest.mark.slow
 def test_inertial_rod_beats_the_first_order_rod_on_heavy_ball():
     """Deep linear net, heavy ball at its default (momentum 0.5): measured final errors 8e-4
     (inertial) against 6.2e-3 (rod) at 600 steps; here 300 steps keep CI short."""
