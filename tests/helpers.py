@@ -63,3 +63,21 @@ def optax_counterparts():
         "adam": lambda lr: optax.adam(lr),
         "nadam": lambda lr: optax.nadam(lr),
     }
+
+
+def optax_params(tx, loss, params, n):
+    """Flat parameters ``z_0 .. z_n`` of optax's own jitted loop (``tx.update`` + ``apply_updates``)."""
+    import optax
+
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, s):
+        u, s = tx.update(jax.grad(loss)(p), s, p)
+        return optax.apply_updates(p, u), s
+
+    out = [flat(params)]
+    for _ in range(n):
+        params, state = step(params, state)
+        out.append(flat(params))
+    return np.array(out)

@@ -20,7 +20,7 @@ from rodflow_jax.optimizers._optax import (
     parse_opt_args,
 )
 
-from helpers import optax_counterparts, flat, lr_for, tiny_mlp
+from helpers import optax_counterparts, optax_params, flat, lr_for, tiny_mlp
 
 # the optax counterparts of the built-ins (as in test_optimizers.py); the scalar variants have
 # none in optax: scalar RMSProp is checked below through a user-written transformation
@@ -36,21 +36,6 @@ OPTAX_ONLY = {
     "sgd_nesterov": lambda: optax.sgd(0.1, momentum=0.9, nesterov=True),
     "lion": lambda: optax.lion(1e-3),
 }
-
-
-def _optax_loop(tx, loss, params, n):
-    state = tx.init(params)
-
-    @jax.jit
-    def step(p, s):
-        u, s = tx.update(jax.grad(loss)(p), s, p)
-        return optax.apply_updates(p, u), s
-
-    out = [flat(params)]
-    for _ in range(n):
-        params, state = step(params, state)
-        out.append(flat(params))
-    return np.array(out)
 
 
 def _params(run):
@@ -103,7 +88,7 @@ def test_counterparts_equal_builtins_and_optax_step_for_step(name):
     # (compiled differently) agrees until the run is past the edge and amplifies rounding
     traj = _params(run_discrete(ours, loss, params, n))
     assert _rel(traj[:31], _params(run)[:31]) < 1e-12
-    assert _rel(traj[:21], _optax_loop(tx, loss, params, 20)) < 1e-14
+    assert _rel(traj[:21], optax_params(tx, loss, params, 20)) < 1e-14
 
 
 @pytest.mark.parametrize("name", sorted(OPTAX_ONLY))
@@ -111,7 +96,7 @@ def test_optax_only_transformations_are_exact(name):
     loss, params = tiny_mlp()
     run = run_discrete(from_optax(OPTAX_ONLY[name]()), loss, params, 80)
     assert not run.diverged
-    assert _rel(_params(run), _optax_loop(OPTAX_ONLY[name](), loss, params, 80)) < 1e-10
+    assert _rel(_params(run), optax_params(OPTAX_ONLY[name](), loss, params, 80)) < 1e-10
 
 
 def test_transformation_that_reads_params():
@@ -201,7 +186,7 @@ def test_slow_state_fed_by_the_fast_state_is_refused():
     with pytest.raises(InputError, match=r"\[0\]\.nu.*depend on the fast state"):
         from_optax(optax.adabelief(0.01)).init(params)
     opt = from_optax(optax.adabelief(0.01), slow=r"\.mu\b")
-    ref = _optax_loop(optax.adabelief(0.01), loss, params, 40)
+    ref = optax_params(optax.adabelief(0.01), loss, params, 40)
     assert _rel(_params(run_discrete(opt, loss, params, 40)), ref) < 1e-10
 
 
