@@ -54,10 +54,6 @@ def _sharded(tree) -> bool:
     return bool(arrays) and isinstance(arrays[0].sharding, jax.sharding.NamedSharding)
 
 
-def batch_size(tree) -> int:
-    return int(jax.tree.leaves(eqx.filter(tree, eqx.is_array))[0].shape[0])
-
-
 # --- rollout ------------------------------------------------------------------------------------
 class Rollout(NamedTuple):
     loss: np.ndarray  # (B, N+1)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any
 
 import jax
 import numpy as np
@@ -24,7 +23,7 @@ from .. import _metrics as M
 from .._integrate import result_message
 from .._sharpness import DENSE_MAX_PARAMS
 from ..flows import flow_kind
-from ._engine import FlowArrays, ProbeArrays, probe_batch, rollout_batch, solve_batch, unstack
+from ._engine import FlowArrays, ProbeArrays, probe_batch, rollout_batch, solve_batch
 from ._progress import say
 
 
@@ -149,6 +148,3 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
     return Evaluation(N, K, n, threshold_quantity, every, grid, probe_steps, r.loss, avg, r.half, r.amplitude,
                       r.diverged_at, probes, flows, timings)
 
-
-def config(tree, i: int) -> Any:
-    return unstack(tree, i)
