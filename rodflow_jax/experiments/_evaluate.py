@@ -133,7 +133,7 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
         for name in models:
             if name == "discrete":
                 continue
-            say(progress is True or (progress == "auto"), f"{name} flow: {B} configuration(s), steps {K}..{N - 1}")
+            say(progress, f"{name} flow: {B} configuration(s), steps {K}..{N - 1}")
             t = time.perf_counter()
             fa = solve_batch(name, optimizer, loss_fn, states, np.arange(K, N), fgrid, stop,
                              options=(flow_options or {}).get(name), config=(solver or {}).get(name),
@@ -142,7 +142,7 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
             C = _rows(fa.centre)
             err = M.param_rel_error(C, mid[:, grid >= K], mid_K[:, None])
             err = np.where(np.isfinite(avg[:, fgrid]), err, np.nan)
-            fidx = [j for j, k in enumerate(fgrid) if k in set(probe_steps.tolist())]
+            fidx = np.nonzero(np.isin(fgrid, probe_steps))[0]
             fprobes = probe(*jax.tree.map(lambda x: x[:, fidx], (fa.centre, fa.slow)), name)
             flows[name] = FlowResult(fa, fprobes, fgrid[fidx], err)
     return Evaluation(N, K, n, threshold_quantity, every, grid, probe_steps, r.loss, avg, r.half, r.amplitude,
