@@ -32,7 +32,8 @@ def _common(numeric_hparams: bool) -> argparse.ArgumentParser:
     c.add_argument("--optimizer", default=DEFAULT_OPTIMIZER,
                    help="one of the nine (rodflow list), or optax:NAME for any optax optimizer")
     c.add_argument("--opt-args", default="", help="with optax:NAME: its arguments, key=value,... "
-                   "(e.g. learning_rate=0.01,weight_decay=1e-4)")
+                   "(e.g. learning_rate=0.01,weight_decay=1e-4); in sweep, key=A:B:N[:log] or "
+                   "key='v1;v2;...' sweeps a float argument")
     for name in HPARAM_FLAGS:
         c.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
                        type=_float(name) if numeric_hparams else str,
@@ -124,7 +125,9 @@ def _cmd_list() -> int:
     for name in OPTIMIZERS:
         print(f"  {name:18s} {', '.join(hyperparameter_names(name))}")
     print("  optax:NAME         any optax optimizer, e.g. --optimizer optax:adamw --opt-args "
-          "learning_rate=2e-3,weight_decay=1e-4 (compare; its threshold is measured: the edge ratio)")
+          "learning_rate=2e-3,weight_decay=1e-4; its threshold is measured: the edge ratio.\n"
+          "                     compare, sweep (--opt-args weight_decay=1e-4:1e-2:3:log sweeps any float "
+          "argument) and hypergrad (--wrt weight_decay) take it")
     return 0
 
 
@@ -231,10 +234,16 @@ def _cmd_sweep(args) -> int:
 
     spec = resolve_problem(args.problem, args.optimizer)
     grid = {k: values_from_range(v, "--" + k.replace("_", "-")) for k, v in _given(args).items()}
-    if not spec.builtin and "learning_rate" not in grid:
+    opt_args = _opt_args(args)
+    for k, v in list(opt_args.items()):  # optax:NAME: key=A:B:N[:log] or key=v1;v2;... is swept
+        if isinstance(v, str) and (":" in v or ";" in v):
+            grid[k] = values_from_range(v.replace(";", ","), f"--opt-args {k}")
+            del opt_args[k]
+    if not spec.builtin and "learning_rate" not in grid and "learning_rate" not in opt_args:
         raise InputError("--learning-rate is required for a user problem")
     out = check_output(args.out or default_out("sweep", spec, args.optimizer), overwrite=args.overwrite)
     result = sweep(args.problem, args.optimizer, grid, _seeds(args.seeds), args.steps, models=args.models,
+                   opt_args=opt_args,
                    start_step=args.start_step, probe_every=args.probe_every, top_k=args.top_k,
                    sharpness_method=args.sharpness_method, flow_options=_flow_options(args),
                    devices=None if args.devices == "none" else "all", progress=_progress(args))
@@ -254,7 +263,7 @@ def _cmd_hypergrad(args) -> int:
     from .experiments._spec import resolve_optimizer, resolve_problem, resolve_steps
 
     spec = resolve_problem(args.problem, args.optimizer)
-    optimizer = resolve_optimizer(args.optimizer, spec, _given(args))
+    optimizer = resolve_optimizer(args.optimizer, spec, _given(args), _opt_args(args))
     out = check_output_file(args.out, overwrite=args.overwrite) if args.out else None
     steps = resolve_steps(args.steps, spec.default_steps)
     loss_fn, params0 = spec.make(args.seed)

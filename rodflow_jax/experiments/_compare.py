@@ -112,6 +112,7 @@ def compare(
         raise InputError(f"probe-every must be at least 1, got {probe_every}")
     loss_fn, params0 = differentiable(loss_fn, params0)
     check_problem(loss_fn, params0)
+    optimizer = optimizer.prepared(params0)
     dtype = jnp.result_type(*jax.tree.leaves(params0))
     opt = jax.tree.map(lambda x: jnp.asarray(x, dtype)[None] if eqx.is_array_like(x) and not callable(x) else x,
                        optimizer)

@@ -23,7 +23,8 @@ Objectives: ``"final_loss"`` (``L(z_N)``, or the flow's predicted loss at ``t = 
 differentiable, the first exactly, the second to the accuracy of its convergence).
 
 Hyperparameters are the optimizer's array leaves; the optimizer is rebuilt from a dict of traced
-scalars with :func:`make_optimizer` (whose range checks skip tracers).
+scalars with its ``with_hyperparameters`` (for the built-ins, :func:`make_optimizer`, whose range
+checks skip tracers; for ``from_optax`` of a factory, the factory's float arguments).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from .._errors import InputError
 from .._integrate import SolverConfig, default_solver, solve
 from .._sharpness import optimizer_sharpness
 from ..flows import flow_kind
-from ..optimizers import AbstractOptimizer, make_optimizer
+from ..optimizers import AbstractOptimizer
 from ._spec import check_problem, differentiable, resolve_start
 
 HG_MODELS = ("discrete", "stable", "rod", "central", "inertial", "inertial_stable")
@@ -120,8 +121,7 @@ def _value_and_grad(f, optimizer, x, params0, with_params: bool):
 
 
 def _with_hyperparameters(optimizer: AbstractOptimizer, values: dict[str, Any]) -> AbstractOptimizer:
-    hp = {**optimizer.hyperparameters(), **values}
-    return make_optimizer(optimizer.name, **hp)
+    return optimizer.with_hyperparameters(**values)
 
 
 def hypergradient(
@@ -150,17 +150,19 @@ def hypergradient(
         flow_kind(model).check(optimizer)
     loss_fn, params0 = differentiable(loss_fn, params0)
     check_problem(loss_fn, params0)
+    optimizer = optimizer.prepared(params0)
     start_step = resolve_start(start_step, [optimizer], num_steps) if model != "discrete" else 0
     wrt = list(wrt)
     hp_all = optimizer.hyperparameters()
-    unknown = [w for w in wrt if w != "params0" and w not in hp_all]
+    if any(callable(hp_all.get(w)) for w in wrt if w != "params0"):
+        raise InputError("cannot differentiate with respect to a learning-rate schedule")
+    can = optimizer.continuous_hyperparameters()
+    unknown = [w for w in wrt if w != "params0" and w not in can]
     if unknown or not wrt:
         raise InputError(
             f"cannot differentiate with respect to {', '.join(map(repr, unknown)) or 'nothing'}; "
-            f"optimizer '{optimizer.name}' has: {', '.join(hp_all)}, and params0"
+            f"optimizer '{optimizer.name}' has: {', '.join(can) or 'no continuous hyperparameters'}, and params0"
         )
-    if any(callable(hp_all[w]) for w in wrt if w != "params0"):
-        raise InputError("cannot differentiate with respect to a learning-rate schedule")
     f = objective_fn(loss_fn, num_steps, objective=objective, model=model, start_step=start_step,
                      config=config, sharpness_method=sharpness_method,
                      options=tuple(sorted((flow_options or {}).items())))

@@ -72,26 +72,17 @@ def hyperparameters_for(optimizer_name: str, problem: ProblemSpec, given: dict) 
 
 
 def optax_optimizer(name: str, opt_args: dict, given: dict) -> AbstractOptimizer:
-    """``optax:NAME`` with ``opt_args`` (and ``--learning-rate`` etc. if given) as
-    :func:`~rodflow_jax.from_optax` of ``optax.NAME(**kwargs)``; its description lists the
-    constructor's numeric defaults too (so ``b1`` sets the default start step)."""
-    import inspect
-
-    from ..optimizers._optax import from_optax, optax_by_name
+    """``optax:NAME`` as :func:`~rodflow_jax.from_optax` of the factory ``optax.NAME`` with
+    ``opt_args`` (and ``--learning-rate`` etc. if given): its float arguments, the constructor's
+    float defaults included (so ``b1`` sets the default start step), are array leaves, so it can
+    be swept and differentiated like a built-in."""
+    from ..optimizers._optax import from_optax, optax_factory
 
     kwargs = {**{k: v for k, v in given.items() if v is not None}, **opt_args}
     if "learning_rate" not in kwargs:
         raise InputError(f"optimizer '{name}' needs a learning rate (--learning-rate or --opt-args learning_rate=...)")
-    tx = optax_by_name(name.split(":", 1)[1], **kwargs)
-    factory = optax_by_name.__globals__["optax"]
-    for part in name.split(":", 1)[1].split("."):
-        factory = getattr(factory, part)
-    try:
-        defaults = {k: p.default for k, p in inspect.signature(factory).parameters.items()
-                    if isinstance(p.default, (int, float)) and not isinstance(p.default, bool)}
-    except (TypeError, ValueError):
-        defaults = {}
-    return from_optax(tx, name=name, hyperparameters={**defaults, **kwargs})
+    factory = optax_factory(name.split(":", 1)[1])
+    return from_optax(factory, name=name, hyperparameters=kwargs)
 
 
 def resolve_optimizer(optimizer_name: str, problem: ProblemSpec, given: dict, opt_args: dict | None = None
@@ -101,6 +92,23 @@ def resolve_optimizer(optimizer_name: str, problem: ProblemSpec, given: dict, op
     if opt_args:
         raise InputError("--opt-args goes with --optimizer optax:NAME")
     return make_optimizer(optimizer_name, **hyperparameters_for(optimizer_name, problem, given))
+
+
+def grid_optimizers(optimizer_name: str, problem: ProblemSpec, configs: Sequence[dict], fixed: dict,
+                    opt_args: dict | None = None) -> list[AbstractOptimizer]:
+    """One optimizer per grid point ``configs[i]`` (hyperparameters by name): the base
+    optimizer from the problem's defaults, ``fixed`` and ``opt_args``, with the swept values
+    put in by :meth:`~rodflow_jax.AbstractOptimizer.with_hyperparameters` (validated, one line
+    naming what can be swept)."""
+    grid_names = list(dict.fromkeys(k for c in configs for k in c))
+    first = configs[0] if configs else {}
+    base = resolve_optimizer(optimizer_name, problem, {**fixed, **first}, opt_args)
+    sweepable = base.continuous_hyperparameters()
+    unknown = [k for k in grid_names if k not in sweepable]
+    if unknown:
+        raise InputError(f"optimizer '{optimizer_name}' has no hyperparameter {', '.join(map(repr, unknown))} to sweep; "
+                         f"it has: {', '.join(sweepable)}")
+    return [base.with_hyperparameters(**c) for c in configs]
 
 
 def default_start_step(optimizer: AbstractOptimizer) -> int:

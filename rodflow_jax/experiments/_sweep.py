@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._errors import InputError
-from ..optimizers import describe, hyperparameter_names, make_optimizer
+from ..optimizers import describe
 from ._engine import stack_trees
 from ._evaluate import evaluate
 from ._progress import say
@@ -34,7 +34,7 @@ from ._spec import (
     DEFAULT_MODELS,
     check_problem,
     differentiable,
-    hyperparameters_for,
+    grid_optimizers,
     resolve_models,
     resolve_problem,
     resolve_start,
@@ -92,14 +92,7 @@ class SweepResult:
         return Path(out_dir)
 
 
-def _validate_grid(optimizer_name: str, grid: dict, fixed: dict) -> None:
-    valid = hyperparameter_names(optimizer_name)
-    unknown = sorted((set(grid) | set(fixed)) - set(valid))
-    if unknown:
-        raise InputError(
-            f"optimizer '{optimizer_name}' takes no hyperparameter {', '.join(map(repr, unknown))}; "
-            f"it takes: {', '.join(valid)}"
-        )
+def _check_grid(grid: dict) -> None:
     for name, values in grid.items():
         if len(values) == 0:
             raise InputError(f"no values given for {name}")
@@ -114,6 +107,7 @@ def sweep(
     *,
     models: Sequence[str] = DEFAULT_MODELS,
     fixed: dict[str, float] | None = None,
+    opt_args: dict | None = None,
     start_step: int | str = "auto",
     probe_every: int | None = None,
     top_k: int = 1,
@@ -131,22 +125,25 @@ def sweep(
     not in ``grid`` come from ``fixed``, then the problem's defaults; an empty grid runs the
     defaults. The flows all start at one step K (``"auto"``: the largest default over the
     configurations). ``devices="all"`` shards the configuration axis over all devices.
+
+    ``optimizer_name`` is one of the nine or ``"optax:NAME"`` (then ``opt_args`` are the
+    constructor's other arguments, and any float argument of it can be in ``grid``).
     """
     grid = dict(grid or {})
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     spec = resolve_problem(problem, optimizer_name)
-    _validate_grid(optimizer_name, grid, fixed)
+    _check_grid(grid)
     num_steps = resolve_steps(num_steps, spec.default_steps)
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise InputError("at least one seed is needed")
     configs = configurations(grid, seeds)
-    base = hyperparameters_for(optimizer_name, spec, {**fixed, **{k: v[0] for k, v in grid.items()}})
-    base = {k: v for k, v in base.items() if k not in grid}
-    opts = [make_optimizer(optimizer_name, **{**base, **hp}) for hp, _ in configs]  # validates each
+    opts = grid_optimizers(optimizer_name, spec, [hp for hp, _ in configs], fixed, opt_args)  # validates each
+    base = {k: v for k, v in describe(opts[0]).items() if k not in grid and k != "name"}
     models = resolve_models(models, opts[0])
     K = resolve_start(start_step, opts, num_steps)
     loss_fn, seed_params = _seed_problems(spec.make, seeds)
+    opts = [o.prepared(seed_params[0]) for o in opts]
     by_seed = dict(zip(seeds, seed_params))
     dtype = jnp.result_type(*jax.tree.leaves(seed_params[0]))
     optimizer = jax.tree.map(lambda x: jnp.asarray(x, dtype) if hasattr(x, "dtype") else x, stack_trees(opts))

@@ -57,7 +57,11 @@ class InertialState(NamedTuple):
 def supports(optimizer: AbstractOptimizer) -> str | None:
     """``None`` if the inertial flows are defined for ``optimizer``, else the reason."""
     if not isinstance(optimizer, AbstractMomentumMethod):
-        return f"the inertial flows are defined for the momentum methods (heavy_ball, nesterov), not {optimizer.name}"
+        if optimizer.analytic_threshold:
+            return f"the inertial flows are defined for the momentum methods (heavy_ball, nesterov), not {optimizer.name}"
+        return (f"the inertial flows need a velocity form, which a wrapped optax transformation ({optimizer.name}) "
+                "does not declare: its momentum cannot be rebuilt from a velocity without knowing the update rule; "
+                "for optax.sgd(momentum=b[, nesterov=True]) use --optimizer heavy_ball or nesterov, which equal it")
     beta = optimizer.momentum_decay()
     if not isinstance(beta, jax.core.Tracer) and not float(beta) > 0:
         return "the inertial flows need momentum > 0 (at 0 the method is GD: use the rod flow)"

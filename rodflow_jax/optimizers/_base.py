@@ -90,6 +90,23 @@ class AbstractOptimizer(eqx.Module):
     def hyperparameters(self) -> dict[str, Any]:
         """All hyperparameters by optax's names."""
 
+    def prepared(self, params) -> "AbstractOptimizer":
+        """This optimizer made ready for parameters like ``params`` (what needs a concrete
+        template, e.g. a wrapped optax state's decay, is resolved here); itself by default."""
+        return self
+
+    def continuous_hyperparameters(self) -> tuple[str, ...]:
+        """The hyperparameters that can be swept (vmapped) and differentiated: the numeric ones
+        (a schedule cannot)."""
+        return tuple(k for k, v in self.hyperparameters().items() if not callable(v))
+
+    def with_hyperparameters(self, **values) -> "AbstractOptimizer":
+        """The same optimizer with some hyperparameters replaced (numbers, tracers or batched
+        arrays), validated as the constructor validates them."""
+        from . import make_optimizer
+
+        return make_optimizer(self.name, **{**self.hyperparameters(), **values})
+
     def preconditioner(self, new_slow: Slow):
         """The ``P`` the update divides by (a pytree like params, a scalar), or ``None``.
 

@@ -87,6 +87,8 @@ matrix-free edge probe, :func:`rodflow_jax._edge.edge_probe`.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import re
 from typing import Any, Callable, ClassVar
@@ -258,14 +260,25 @@ class OptaxOptimizer(AbstractOptimizer):
     analytic_threshold: ClassVar[bool] = False
 
     learning_rate: Any = eqx.field(static=True)  # informational; the step size lives in tx
-    tx: optax.GradientTransformation = eqx.field(static=True)
+    base_tx: optax.GradientTransformation | None = eqx.field(static=True)
     name: str = eqx.field(static=True)
+    factory: Callable | None = eqx.field(static=True, default=None)
+    static_args: tuple = eqx.field(static=True, default=())
     fast_rule: Any = eqx.field(static=True, default=None)
     slow_rule: Any = eqx.field(static=True, default=None)
     hparams: dict = eqx.field(default_factory=dict)
     slow_decay: jax.Array | None = None
+    infer_decay: bool = eqx.field(static=True, default=False)
     integer_counts: bool = eqx.field(static=True, default=False)
     honour_new_slow: bool = eqx.field(static=True, default=True)
+
+    @property
+    def tx(self) -> optax.GradientTransformation:
+        """The transformation: as given, or ``factory(**static_args, **hparams)`` (rebuilt from
+        the current, possibly traced or batched, float hyperparameters)."""
+        if self.factory is None:
+            return self.base_tx
+        return self.factory(**dict(self.static_args), **self.hparams)
 
     # --- splitting and assembling the optax state --------------------------------------------
     def _classes(self, template):
@@ -392,18 +405,82 @@ class OptaxOptimizer(AbstractOptimizer):
         return 1.0 / (1.0 + self.slow_decay)
 
     def hyperparameters(self):
-        """What the caller told :func:`from_optax` (optax's names), else ``{}``."""
-        return dict(self.hparams)
+        """The constructor's arguments by optax's names: for a factory, its float arguments
+        (array leaves) and the others (static); for a built ``tx``, what the caller told
+        :func:`from_optax`, else ``{}``."""
+        return {**dict(self.static_args), **self.hparams}
+
+    def prepared(self, params) -> "OptaxOptimizer":
+        """With ``slow_decay="auto"``: the decay inferred at ``params`` (:func:`infer_slow_decay`;
+        ``None``, the naive feed, where the slow state has no single decay). The drivers
+        (compare, sweep, hypergradient) call this; a flow built by hand from an unprepared
+        optimizer uses the naive feed."""
+        if not self.infer_decay:
+            return self
+        try:
+            b = infer_slow_decay(dataclasses.replace(self, infer_decay=False), params)
+        except InputError:
+            b = None
+        return dataclasses.replace(self, infer_decay=False, slow_decay=None if b is None else jnp.asarray(b))
+
+    def continuous_hyperparameters(self) -> tuple[str, ...]:
+        """The names that can be swept and differentiated: a factory's float arguments."""
+        return tuple(self.hparams) if self.factory is not None else ()
+
+    def with_hyperparameters(self, **values) -> "OptaxOptimizer":
+        """The same optimizer with some float arguments of its factory replaced (by numbers,
+        tracers or batched arrays): what sweeps and hypergradients use."""
+        bad = [k for k in values if k not in self.continuous_hyperparameters()]
+        if bad:
+            how = (f"its continuous arguments are: {', '.join(self.continuous_hyperparameters())}"
+                   if self.factory is not None else
+                   "it wraps a built transformation; wrap the factory instead, "
+                   "from_optax(optax.NAME, hyperparameters={...}), to sweep or differentiate its arguments")
+            raise InputError(f"{self.name} has no continuous hyperparameter {', '.join(map(repr, bad))}; {how}")
+        return dataclasses.replace(self, hparams={**self.hparams, **values})
+
+
+def _float_arguments(factory, kwargs: dict) -> tuple[dict, dict]:
+    """``(float arguments, the others)`` of ``factory(**kwargs)``: given floats (and ints given
+    where the signature's default is a float, or for ``learning_rate``) become array leaves;
+    the signature's own float defaults join them, so ``b1`` is known and can be swept. Arguments
+    with int defaults, bools, strings, ``None``, schedules and masks stay static."""
+    try:
+        signature = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        signature = {}
+
+    def floatlike(k, v, default):
+        if isinstance(v, bool) or callable(v) or v is None or (isinstance(default, int) and not isinstance(default, bool)):
+            return False  # an int default (a size, an offset) is structural: static
+        if isinstance(v, (float, np.floating)) or (isinstance(v, (jax.Array, np.ndarray)) and jnp.ndim(v) == 0
+                                                   and jnp.issubdtype(jnp.result_type(v), jnp.floating)):
+            return True
+        return isinstance(v, (int, np.integer)) and (k == "learning_rate" or (
+            isinstance(default, float) and not isinstance(default, bool)))
+
+    floats, others = {}, {}
+    for k, p in signature.items():
+        d = p.default
+        if k not in kwargs and isinstance(d, float):
+            floats[k] = d
+    for k, v in kwargs.items():
+        d = signature[k].default if k in signature else None
+        if floatlike(k, v, d):
+            floats[k] = v if isinstance(v, jax.Array) else float(v)
+        else:
+            others[k] = v
+    return floats, others
 
 
 def from_optax(
-    tx: optax.GradientTransformation,
+    tx,
     *,
     fast=None,
     slow=None,
     name: str | None = None,
     hyperparameters: dict[str, Any] | None = None,
-    slow_decay: float | None = None,
+    slow_decay: float | str | None = "auto",
     integer_counts: bool = False,
     honour_new_slow: bool = True,
 ) -> OptaxOptimizer:
@@ -411,16 +488,21 @@ def from_optax(
 
     **Arguments:**
 
-    - ``tx``: any ``optax.GradientTransformation`` (``optax.adamw(...)``, ``optax.chain(...)``).
+    - ``tx``: any ``optax.GradientTransformation`` (``optax.adamw(...)``, ``optax.chain(...)``),
+      or a **factory** that builds one from keyword arguments (``optax.adamw``, or your own
+      ``lambda learning_rate, weight_decay: optax.chain(...)``) with the arguments in
+      ``hyperparameters``. Only a factory's float arguments are array leaves of the optimizer,
+      so only a factory can be swept (``vmap``) and differentiated (hypergradients) in them.
     - ``fast`` / ``slow``: override the classification of state leaves: a predicate on the
       leaf's path string (``jax.tree_util.keystr``, e.g. ``"[0].mu['w']"``) or a regular
       expression searched in it. They take precedence over the automatic rules; a leaf that
       both match is an error.
-    - ``name``: e.g. ``"optax:adamw"`` (default ``"optax"``).
-    - ``hyperparameters``: the arguments ``tx`` was built with, for descriptions (``describe``,
-      default start steps); its ``learning_rate``, if any, is reported by ``eta``.
+    - ``name``: e.g. ``"optax:adamw"`` (default ``"optax"``, or ``"optax:" + factory name``).
+    - ``hyperparameters``: a factory's arguments; for a built ``tx``, the arguments it was
+      built with, for descriptions (``describe``, default start steps) only.
     - ``slow_decay``: the decay ``b`` of the slow moving averages, for the rod's exact period-2
-      slow feed (see :func:`infer_slow_decay`); ``None`` keeps the naive feed.
+      slow feed; ``"auto"`` (default) infers it at the first parameters a driver sees
+      (:meth:`OptaxOptimizer.prepared`, :func:`infer_slow_decay`); ``None`` keeps the naive feed.
     - ``integer_counts``: make the flows' maps round integer counts back to optax's dtype
       (instead of handing optax the real-valued count a flow gives; ``step`` always rounds).
     - ``honour_new_slow``: make ``fast_map`` use the ``new_slow`` it is given (module docstring).
@@ -428,20 +510,35 @@ def from_optax(
     Classification errors are raised when the state is first seen (``init``, or tracing a map).
     """
     hp = dict(hyperparameters or {})
-    lr = hp.get("learning_rate", _unknown_learning_rate)
-    if not callable(lr):
-        lr = float(lr)
-    return OptaxOptimizer(
-        learning_rate=lr,
-        tx=tx,
-        name=name or "optax",
-        fast_rule=fast,
-        slow_rule=slow,
-        hparams=hp,
-        slow_decay=None if slow_decay is None else jnp.asarray(slow_decay),
-        integer_counts=integer_counts,
-        honour_new_slow=honour_new_slow,
-    )
+    auto = isinstance(slow_decay, str)
+    if auto and slow_decay != "auto":
+        raise InputError(f"slow_decay must be a number, None or 'auto', got {slow_decay!r}")
+    common = dict(fast_rule=fast, slow_rule=slow, infer_decay=auto,
+                  slow_decay=None if slow_decay is None or auto else jnp.asarray(slow_decay),
+                  integer_counts=integer_counts, honour_new_slow=honour_new_slow)
+    if isinstance(tx, optax.GradientTransformation):
+        lr = hp.get("learning_rate", _unknown_learning_rate)
+        lr = lr if callable(lr) else float(lr)
+        return OptaxOptimizer(learning_rate=lr, base_tx=tx, name=name or "optax", hparams=hp, **common)
+    if not callable(tx):
+        raise InputError(f"from_optax needs an optax GradientTransformation or a factory of one, got {type(tx).__name__}")
+    label = getattr(tx, "__name__", "factory")
+    floats, others = _float_arguments(tx, hp)
+    try:
+        built = tx(**hp)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{name or 'optax.' + label}({', '.join(f'{k}={v!r}' for k, v in hp.items())}): {e}"
+                         ) from None
+    if not isinstance(built, optax.GradientTransformation):
+        raise InputError(f"{name or label}(...) returned a {type(built).__name__}, not a GradientTransformation")
+    try:
+        static_args = tuple(sorted(others.items()))
+        hash(static_args)
+    except TypeError:
+        raise InputError(f"the non-float arguments of {label} must be hashable (they are static): "
+                         f"{', '.join(others)}") from None
+    return OptaxOptimizer(learning_rate=_unknown_learning_rate, base_tx=None, name=name or f"optax:{label}",
+                          factory=tx, static_args=static_args, hparams=floats, **common)
 
 
 # --- checks and inference on a concrete state ----------------------------------------------
@@ -515,10 +612,9 @@ def _optax_names() -> list[str]:
     return sorted(n for n in dir(optax) if not n.startswith("_") and n.islower() and callable(getattr(optax, n)))
 
 
-def optax_by_name(name: str, **kwargs) -> optax.GradientTransformation:
-    """``optax.NAME(**kwargs)`` (``NAME`` may be dotted: ``"contrib.muon"``), with one-line
-    :class:`InputError`s for an unknown name, bad arguments, or something that is not a
-    gradient transformation."""
+def optax_factory(name: str) -> Callable[..., optax.GradientTransformation]:
+    """The factory ``optax.NAME`` (``NAME`` may be dotted: ``"contrib.muon"``), or a one-line
+    :class:`InputError` for an unknown name or something that is not a factory."""
     obj = optax
     for part in name.split("."):
         if part.startswith("_") or not hasattr(obj, part):
@@ -526,6 +622,13 @@ def optax_by_name(name: str, **kwargs) -> optax.GradientTransformation:
         obj = getattr(obj, part)
     if not callable(obj) or isinstance(obj, type):
         raise InputError(f"optax.{name} is not an optimizer factory")
+    return obj
+
+
+def optax_by_name(name: str, **kwargs) -> optax.GradientTransformation:
+    """``optax.NAME(**kwargs)``, with one-line :class:`InputError`s for an unknown name, bad
+    arguments, or something that is not a gradient transformation."""
+    obj = optax_factory(name)
     try:
         tx = obj(**kwargs)
     except (TypeError, ValueError) as e:
