@@ -49,6 +49,13 @@ direction only). Instabilities by a complex pair leaving the unit circle (not pe
 are not what this probes. Sign-based updates (Lion) have zero derivative in ``g`` almost
 everywhere, so their ratio is 0: their oscillation is not a linear instability.
 
+**Zero second moments.** A wrapped optax Adam divides by ``sqrt(nu')``, and where ``nu'`` is
+exactly 0 (a coordinate whose gradient was always 0: a dead input pixel) JAX's derivative of
+``sqrt`` is infinite and the tangent 0, so the JVP is ``0 * inf = NaN`` there. The true
+derivative with ``nu'`` frozen is finite (the coordinate's Hessian row is 0), so NaN entries of
+the step's tangents are read as 0; a non-finite *state* still gives a NaN ratio. (The
+built-ins use :func:`~rodflow_jax.optimizers._base.safe_sqrt` instead.)
+
 ``include_slow_feedback=True`` linearises the whole step ``optimizer.step`` instead, letting the
 current gradient move ``s'`` (the preconditioner) too: the Jacobian of the actual discrete map's
 fast block. The feedback is stabilising (a larger gradient raises ``P``) and of relative size
@@ -154,13 +161,16 @@ def edge_operator(optimizer: AbstractOptimizer, loss_fn, phase: Phase, slow: Slo
     zero_z = jax.tree.map(jnp.zeros_like, phase)
     zero_g = jax.tree.map(jnp.zeros_like, g0)
 
+    def tangent(z, g):  # see "Zero second moments" in the module docstring
+        return jnp.nan_to_num(ravel_pytree(t_lin(z, g))[0], nan=0.0, posinf=jnp.inf, neginf=-jnp.inf)
+
     def a_plus_i(v):  # (A + I) v, gradient held fixed
-        return ravel_pytree(t_lin(unravel_z(v), zero_g))[0] + v
+        return tangent(unravel_z(v), zero_g) + v
 
     m = min(solve_iter, z_flat.shape[0])
 
     def k_matvec(u):
-        c = ravel_pytree(t_lin(zero_z, hvp(unravel_w(u))))[0]  # dT/dg . H u
+        c = tangent(zero_z, hvp(unravel_w(u)))  # dT/dg . H u
         sol = gmres(a_plus_i, c, m)
         return -ravel_pytree(unravel_z(sol).params)[0]
 
@@ -200,4 +210,6 @@ def edge_probe(
     else:
         start = v0 / jnp.linalg.norm(v0) + 1e-3 * noise / jnp.linalg.norm(noise)
     basis, hess = arnoldi(k_matvec, start, min(num_iter, x.shape[0]))
-    return EdgeProbe(*top_real_ritz(basis, hess))
+    ratio, vector, residual = top_real_ritz(basis, hess)
+    finite = jnp.all(jnp.isfinite(ravel_pytree((phase, slow))[0]))  # tangents are cleaned: not the state
+    return EdgeProbe(jnp.where(finite, ratio, jnp.nan), vector, residual)

@@ -279,6 +279,8 @@ def _cmd_hypergrad(args) -> int:
           else f"{args.objective} ({args.model}) is not finite; {shown}")
     if "params0_gradient_norm" in report:
         print(f"|d/dparams0| = {report['params0_gradient_norm']:.6g}")
+    if report.get("message"):
+        print(f"note: {report['message']}")
     return 0
 
 

@@ -128,3 +128,38 @@ def test_vmap_over_learning_rates_and_warm_start():
     first = probe(opt, loss, z, s)
     warm = probe(opt, loss, z, s, num_iter=4, v0=first.vector)
     assert float(warm.ratio) == pytest.approx(float(first.ratio), rel=1e-5)
+
+
+def _dead_input_problem():
+    """A tanh network whose first input is always 0: its weights get zero gradients, nu stays 0."""
+    k = jax.random.split(jax.random.PRNGKey(3), 3)
+    x = jax.random.normal(k[0], (30, 4)).at[:, 0].set(0.0)
+    y = jax.random.normal(k[1], (30, 2))
+    p = {"w1": jax.random.normal(k[2], (4, 5)) / 2, "w2": jnp.ones((5, 2)) / 3}
+
+    def loss(q):
+        return 0.5 * jnp.mean(jnp.sum((jnp.tanh(x @ q["w1"]) @ q["w2"] - y) ** 2, -1))
+
+    return loss, p
+
+
+def test_zero_second_moments_give_a_finite_edge_ratio_and_hypergradient():
+    """Adam divides by sqrt(nu) with nu = 0 on dead coordinates: 0 * inf must not poison the probe
+    (wrapped optax) or the hypergradient (built-in, safe_sqrt)."""
+    from rodflow_jax.experiments._hypergrad import hypergradient, objective_value
+
+    loss, p0 = _dead_input_problem()
+    builtin = make_optimizer("adam", learning_rate=0.05)
+    wrapped = from_optax(optax.adam(0.05), slow_decay=None)
+    (zb, sb), (zw, sw) = builtin.init(p0), wrapped.init(p0)
+    for _ in range(30):
+        zb, sb = builtin.step(zb, sb, jax.grad(loss)(zb.params))
+        zw, sw = wrapped.step(zw, sw, jax.grad(loss)(zw.params))
+    assert float(jnp.min(sb.nu["w1"])) == 0.0  # the case under test
+    rb, rw = edge_probe(builtin, loss, zb, sb).ratio, edge_probe(wrapped, loss, zw, sw).ratio
+    assert np.isfinite(rw) and np.isclose(rw, rb, rtol=1e-9)
+    _, g = hypergradient(loss, p0, builtin, 40, objective="mean_loss_last:5", model="discrete")
+    h = 1e-6
+    f = [objective_value(loss, p0, builtin.with_hyperparameters(learning_rate=0.05 + s), 40,
+                         objective="mean_loss_last:5", model="discrete") for s in (h, -h)]
+    assert np.isfinite(g["learning_rate"]) and np.isclose(g["learning_rate"], (f[0] - f[1]) / (2 * h), rtol=1e-5)

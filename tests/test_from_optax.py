@@ -35,6 +35,8 @@ OPTAX_ONLY = {
     ),
     "sgd_nesterov": lambda: optax.sgd(0.1, momentum=0.9, nesterov=True),
     "lion": lambda: optax.lion(1e-3),
+    "adafactor": lambda: optax.adafactor(0.01, min_dim_size_to_factor=4),  # factored second moments: slow
+    "muon": lambda: optax.contrib.muon(0.01),  # Newton-Schulz on the matrices, adam on the rest
 }
 
 

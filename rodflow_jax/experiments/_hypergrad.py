@@ -30,6 +30,7 @@ checks skip tracers; for ``from_optax`` of a factory, the factory's float argume
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Sequence
 
 import equinox as eqx
@@ -198,4 +199,10 @@ def hypergradient_report(loss_fn, params0, optimizer: AbstractOptimizer, num_ste
            "gradient": {k: v for k, v in grad.items() if k != "params0"}}
     if "params0" in grad:
         out["params0_gradient_norm"] = float(tree_norm(grad["params0"]))
+    bad = [k for k, v in out["gradient"].items() if not math.isfinite(v)]
+    if bad and value is not None and math.isfinite(value):
+        out["message"] = (f"the derivative with respect to {', '.join(bad)} is not finite"
+                          + ("; an optax optimizer dividing by sqrt(nu) has an infinite derivative where nu = 0 "
+                             "(a parameter whose gradient is always 0): pass eps_root=1e-30, optax's option for "
+                             "differentiating through the optimizer" if not optimizer.analytic_threshold else ""))
     return out

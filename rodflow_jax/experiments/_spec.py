@@ -94,7 +94,7 @@ def resolve_optimizer(optimizer_name: str, problem: ProblemSpec, given: dict, op
     return make_optimizer(optimizer_name, **hyperparameters_for(optimizer_name, problem, given))
 
 
-def grid_optimizers(optimizer_name: str, problem: ProblemSpec, configs: Sequence[dict], fixed: dict,
+def grid_optimizers(optimizer_name, problem: ProblemSpec, configs: Sequence[dict], fixed: dict,
                     opt_args: dict | None = None) -> list[AbstractOptimizer]:
     """One optimizer per grid point ``configs[i]`` (hyperparameters by name): the base
     optimizer from the problem's defaults, ``fixed`` and ``opt_args``, with the swept values
@@ -102,7 +102,12 @@ def grid_optimizers(optimizer_name: str, problem: ProblemSpec, configs: Sequence
     naming what can be swept)."""
     grid_names = list(dict.fromkeys(k for c in configs for k in c))
     first = configs[0] if configs else {}
-    base = resolve_optimizer(optimizer_name, problem, {**fixed, **first}, opt_args)
+    if isinstance(optimizer_name, AbstractOptimizer):
+        if opt_args:
+            raise InputError("opt_args go with an optimizer name optax:NAME, not an optimizer")
+        base = optimizer_name.with_hyperparameters(**fixed) if fixed else optimizer_name
+    else:
+        base = resolve_optimizer(optimizer_name, problem, {**fixed, **first}, opt_args)
     sweepable = base.continuous_hyperparameters()
     unknown = [k for k in grid_names if k not in sweepable]
     if unknown:

@@ -100,7 +100,7 @@ def _check_grid(grid: dict) -> None:
 
 def sweep(
     problem,
-    optimizer_name: str,
+    optimizer_name,
     grid: dict[str, Sequence[float]] | None = None,
     seeds: Sequence[int] = (0,),
     num_steps: int | None = None,
@@ -126,12 +126,15 @@ def sweep(
     defaults. The flows all start at one step K (``"auto"``: the largest default over the
     configurations). ``devices="all"`` shards the configuration axis over all devices.
 
-    ``optimizer_name`` is one of the nine or ``"optax:NAME"`` (then ``opt_args`` are the
-    constructor's other arguments, and any float argument of it can be in ``grid``).
+    ``optimizer_name`` is one of the nine, ``"optax:NAME"`` (then ``opt_args`` are the
+    constructor's other arguments, and any float argument of it can be in ``grid``), or an
+    optimizer (e.g. ``from_optax(factory, hyperparameters=...)``), whose
+    ``continuous_hyperparameters`` the grid may set.
     """
     grid = dict(grid or {})
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
-    spec = resolve_problem(problem, optimizer_name)
+    label = optimizer_name if isinstance(optimizer_name, str) else optimizer_name.name
+    spec = resolve_problem(problem, label)
     _check_grid(grid)
     num_steps = resolve_steps(num_steps, spec.default_steps)
     seeds = [int(s) for s in seeds]
@@ -165,7 +168,7 @@ def sweep(
               "discrete_sharpness": ev.probes.eigenvalues[:B, :, 0], "discrete_threshold": ev.probes.threshold[:B]}
     for name, f in ev.flows.items():
         arrays[f"{name}_loss"] = f.arrays.loss[:B]
-    info = {"problem": spec.label, "optimizer": optimizer_name, "num_steps": num_steps, "start_step": K,
+    info = {"problem": spec.label, "optimizer": label, "num_steps": num_steps, "start_step": K,
             "seeds": seeds, "grid": {k: list(map(float, v)) for k, v in grid.items()}, "fixed": base,
             "models": models, "probe_every": int(ev.probe_steps[1] - ev.probe_steps[0]) if len(ev.probe_steps) > 1
             else None, "num_configurations": B, "devices": sharding.mesh.size if sharding else 1}

@@ -15,6 +15,7 @@ from ._base import (
     Slow,
     as_hparam,
     divide,
+    safe_sqrt,
     ema,
     second_moment_feed,
     zeros_nu,
@@ -55,7 +56,7 @@ class _AbstractAdam(AbstractAdaptiveOptimizer):
 
     def preconditioner(self, new_slow):
         bc2 = 1.0 - self.b2**new_slow.count
-        return jax.tree.map(lambda v: jnp.sqrt(v / bc2) + self.eps, new_slow.nu)
+        return jax.tree.map(lambda v: safe_sqrt(v / bc2) + self.eps, new_slow.nu)
 
     def _mhat_coefficients(self, t):
         """``(a, c)`` with ``mhat = a m' + c g``."""

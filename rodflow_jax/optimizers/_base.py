@@ -177,6 +177,23 @@ class AbstractAdaptiveOptimizer(AbstractOptimizer):
         return jnp.ones(())
 
 
+@jax.custom_jvp
+def safe_sqrt(x):
+    """``sqrt(x)`` whose derivative at ``x = 0`` is taken as 0 (not infinite).
+
+    A second moment is exactly 0 only where every gradient so far was 0 (a dead input pixel, an
+    unused embedding row); its tangent is then 0 too, and ``0 * inf`` would make every
+    hypergradient and edge probe NaN. The value is unchanged, so steps stay optax's."""
+    return jnp.sqrt(x)
+
+
+@safe_sqrt.defjvp
+def _safe_sqrt_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    y = jnp.sqrt(x)
+    return y, jnp.where(x > 0, t / (2 * jnp.where(x > 0, y, 1)), jnp.zeros_like(t))
+
+
 def as_hparam(x):
     """Numeric hyperparameters become (weakly typed) arrays; schedules stay callables."""
     return x if callable(x) else jnp.asarray(x)
