@@ -97,7 +97,7 @@ def rollout_batch(optimizer, params, loss_fn, num_steps: int, save_steps=None, *
             halves.append(half[:, valid])
             amps.append(amp[:, valid])
             idx = np.nonzero(mask & valid)[0]
-            kept.append(to_host(jax.tree.map(lambda x: x[:, idx], out.saved)))  # only the kept steps travel
+            kept.append(to_host(out.saved, take=idx))  # across processes only the kept steps travel
             b.update(int(valid.sum()))
     saved = jax.tree.map(lambda *x: np.concatenate(x, axis=1), *kept)
     return Rollout(np.concatenate(losses, 1), np.concatenate(halves, 1)[:, :num_steps],
