@@ -1,4 +1,4 @@
-"""The ``rodflow`` command line: ``list``, ``compare``, ``sweep`` and ``hypergrad``.
+"""The ``rodflow`` command line: ``list``, ``compare``, ``sweep``, ``merge`` and ``hypergrad``.
 
 It only parses and prints: every run is resolved and validated by :mod:`rodflow_jax.experiments`
 (the same code the Python API uses), and every output path is checked before any compute.
@@ -91,7 +91,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", default="1", help="a count S (seeds 0..S-1) or a comma list of seeds")
     s.add_argument("--devices", default="none", choices=("none", "all"), help="all: shard configurations over devices")
     s.add_argument("--out", default=None, help="output folder (default runs/sweep-PROBLEM-OPTIMIZER)")
+    s.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only slice I (0-based) of N of the configurations (a job array task; "
+                   "join the N folders with rodflow merge)")
+    s.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="with --devices all: join a jax.distributed run (one global mesh over every process) "
+                   "whose process 0 listens at HOST:PORT")
+    s.add_argument("--num-processes", type=int, default=None, help="with --coordinator: how many processes")
+    s.add_argument("--process-id", type=int, default=None, help="with --coordinator: this process, 0..N-1")
+    s.add_argument("--local-device-ids", default=None, metavar="I,J,...",
+                   help="with --coordinator: this process's devices (default: jax's rule; under SLURM/Open MPI "
+                   "on GPUs one device per task, its local rank)")
     _run_flags(s)
+    m = sub.add_parser("merge", formatter_class=_Help, help="join the shard folders of one sweep (--shard I/N)")
+    m.add_argument("dirs", nargs="+", metavar="DIR", help="the N shard folders, in any order")
+    m.add_argument("--out", required=True, help="the merged sweep folder")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     h = sub.add_parser("hypergrad", parents=[_common(True)], formatter_class=_Help,
                        help="derivative of a run's objective with respect to hyperparameters")
     h.add_argument("--objective", default="final_loss", help="final_loss, mean_loss_last:K or final_sharpness")
@@ -131,11 +146,54 @@ def _cmd_list() -> int:
     return 0
 
 
+def _distributed(args) -> dict | None:
+    """The ``jax.distributed.initialize`` arguments of ``sweep --coordinator ...``, checked, or None."""
+    names = ("coordinator", "num_processes", "process_id", "local_device_ids")
+    given = {n: getattr(args, n, None) for n in names}
+    if all(v is None for v in given.values()):
+        return None
+    flag = lambda n: "--" + n.replace("_", "-")  # noqa: E731
+    missing = [flag(n) for n in names[:3] if given[n] is None]
+    if missing:
+        raise InputError(f"a distributed run needs --coordinator, --num-processes and --process-id; "
+                         f"missing {', '.join(missing)}")
+    if args.devices != "all":
+        raise InputError("--coordinator (a distributed run over one global mesh) needs --devices all")
+    host, _, port = given["coordinator"].rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"--coordinator must be HOST:PORT, got {given['coordinator']!r}")
+    n, i = given["num_processes"], given["process_id"]
+    if n < 1:
+        raise InputError(f"--num-processes must be at least 1, got {n}")
+    if not 0 <= i < n:
+        raise InputError(f"--process-id must lie in 0..{n - 1}, got {i}")
+    ids = given["local_device_ids"]
+    if ids is not None:
+        try:
+            ids = [int(v) for v in ids.split(",") if v.strip()]
+        except ValueError:
+            ids = []
+        if not ids or min(ids) < 0:
+            raise InputError("--local-device-ids must be a comma list of device numbers, "
+                             f"got {given['local_device_ids']!r}")
+    return dict(coordinator_address=given["coordinator"], num_processes=n, process_id=i, local_device_ids=ids)
+
+
 def _setup(args):
-    if args.float64:
+    dist = _distributed(args)
+    if getattr(args, "float64", False):  # merge has no --float64
         import jax
 
         jax.config.update("jax_enable_x64", True)
+    if dist is not None:  # before anything else touches a jax backend
+        import jax
+
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+        try:
+            jax.distributed.initialize(**dist)
+        except (RuntimeError, ValueError) as e:
+            raise InputError(f"cannot join the distributed run at {dist['coordinator_address']}: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     from .experiments import _signals
 
     _signals.install()
@@ -228,8 +286,34 @@ def _seeds(text: str) -> list[int]:
     return list(range(n))
 
 
+_REFUSED = object()
+
+
+def _on_primary(primary: bool, distributed: bool, check):
+    """``check()`` (an output check) on process 0 only; under jax.distributed its refusal stops
+    every process: process 0 raises it, the others print one line and get ``_REFUSED``."""
+    from .experiments._sharding import all_agree
+
+    result, refusal = None, None
+    if primary:
+        try:
+            result = check()
+        except InputError as e:
+            refusal = e
+    if distributed and not all_agree(refusal is None):
+        if primary:
+            raise refusal
+        print("rodflow: error: process 0 cannot write the output folder (its log says why)", file=sys.stderr)
+        return _REFUSED
+    if refusal is not None:
+        raise refusal
+    return result
+
+
 def _cmd_sweep(args) -> int:
     from .experiments import check_output, sweep, values_from_range
+    from .experiments._merge import parse_shard
+    from .experiments._sharding import is_primary
     from .experiments._spec import default_out, resolve_problem
 
     spec = resolve_problem(args.problem, args.optimizer)
@@ -241,18 +325,40 @@ def _cmd_sweep(args) -> int:
             del opt_args[k]
     if not spec.builtin and "learning_rate" not in grid and "learning_rate" not in opt_args:
         raise InputError("--learning-rate is required for a user problem")
-    out = check_output(args.out or default_out("sweep", spec, args.optimizer), overwrite=args.overwrite)
+    shard = parse_shard(args.shard) if args.shard is not None else None
+    primary = args.coordinator is None or is_primary()  # under jax.distributed only process 0 writes
+    out = _on_primary(primary, args.coordinator is not None,
+                      lambda: check_output(args.out or default_out("sweep", spec, args.optimizer),
+                                           overwrite=args.overwrite))
+    if out is _REFUSED:
+        return 2
     result = sweep(args.problem, args.optimizer, grid, _seeds(args.seeds), args.steps, models=args.models,
                    opt_args=opt_args,
                    start_step=args.start_step, probe_every=args.probe_every, top_k=args.top_k,
                    sharpness_method=args.sharpness_method, flow_options=_flow_options(args),
-                   devices=None if args.devices == "none" else "all", progress=_progress(args))
+                   devices=None if args.devices == "none" else "all", progress=_progress(args) if primary else False,
+                   shard=shard)
+    if not primary:
+        return 0  # process 0 holds the same gathered results and writes them
     result.info["float64"] = bool(args.float64)
     result.info["problem"] = args.problem
     result.save(out, overwrite=args.overwrite)
     n_div = sum(bool(r["discrete"]["diverged"]) for r in result.records)
     print(f"{len(result.records)} configurations, {n_div} diverged (discrete)")
     print(f"wrote {args.out or out}/: sweep.json, sweep_info.json, timings.json, sweep_arrays.npz, sweep_loss.png, "
+          "sweep_sharpness.png")
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    import json
+
+    from .experiments._merge import merge_shards
+
+    out = merge_shards(args.dirs, args.out, overwrite=args.overwrite)
+    info = json.loads((out / "sweep_info.json").read_text())
+    print(f"merged {info['merged_shards']} shards: {info['num_configurations']} configurations")
+    print(f"wrote {args.out}/: sweep.json, sweep_info.json, timings.json, sweep_arrays.npz, sweep_loss.png, "
           "sweep_sharpness.png")
     return 0
 
@@ -293,7 +399,8 @@ def main(argv=None) -> int:
             _parser().print_help()
             return 2
         _setup(args)
-        return {"compare": _cmd_compare, "sweep": _cmd_sweep, "hypergrad": _cmd_hypergrad}[args.command](args)
+        return {"compare": _cmd_compare, "sweep": _cmd_sweep, "merge": _cmd_merge,
+                "hypergrad": _cmd_hypergrad}[args.command](args)
     except InputError as e:
         print(f"rodflow: error: {e}", file=sys.stderr)
         return 2

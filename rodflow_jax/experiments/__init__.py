@@ -19,6 +19,7 @@ from ._engine import (
 )
 from ._evaluate import Evaluation as Evaluation, evaluate as evaluate
 from ._hypergrad import hypergradient as hypergradient, objective_fn as objective_fn, objective_value as objective_value
+from ._merge import merge_shards as merge_shards
 from ._output import check_output as check_output, output_dir as output_dir, write_json as write_json
 from ._records import DiscreteRecord as DiscreteRecord, FlowRecord as FlowRecord, run_record as run_record
 from ._sharding import config_sharding as config_sharding, pad_and_shard as pad_and_shard

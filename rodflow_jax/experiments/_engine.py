@@ -22,6 +22,7 @@ from .._integrate import SolverConfig, default_solver, solve
 from .._sharpness import probe_trajectory
 from ..flows import flow_kind
 from ._progress import bar
+from ._sharding import place, to_host
 
 
 def stack_trees(trees):
@@ -46,7 +47,7 @@ def placed_like(tree, ref):
     sharding = arrays[0].sharding if arrays else None
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return tree
-    return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), sharding), tree)
+    return jax.tree.map(lambda x: place(x, sharding), tree)
 
 
 def _sharded(tree) -> bool:
@@ -91,15 +92,16 @@ def rollout_batch(optimizer, params, loss_fn, num_steps: int, save_steps=None, *
             mask = np.isin(steps, save_steps)
             carry, out = _chunk_b(optimizer, loss_fn, carry, jnp.asarray(steps), n, jnp.asarray(mask))
             valid = steps < total
-            losses.append(np.asarray(out.loss)[:, valid])
-            halves.append(np.asarray(out.half)[:, valid])
-            amps.append(np.asarray(out.amplitude)[:, valid])
+            loss, half, amp = to_host((out.loss, out.half, out.amplitude))  # gathered under jax.distributed
+            losses.append(loss[:, valid])
+            halves.append(half[:, valid])
+            amps.append(amp[:, valid])
             idx = np.nonzero(mask & valid)[0]
-            kept.append(jax.tree.map(lambda x: np.asarray(x)[:, idx], out.saved))
+            kept.append(to_host(out.saved, take=idx))  # across processes only the kept steps travel
             b.update(int(valid.sum()))
     saved = jax.tree.map(lambda *x: np.concatenate(x, axis=1), *kept)
     return Rollout(np.concatenate(losses, 1), np.concatenate(halves, 1)[:, :num_steps],
-                   np.concatenate(amps, 1)[:, :num_steps], saved, save_steps, np.asarray(carry.diverged_at))
+                   np.concatenate(amps, 1)[:, :num_steps], saved, save_steps, to_host(carry.diverged_at))
 
 
 # --- solve --------------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def solve_batch(kind: str, optimizer, loss_fn, states, ts, param_ts, stop_at, *,
     states, stop = placed_like((states, np.asarray(stop_at, dtype)), optimizer)
     sol = _solve_b(kind, optimizer, loss_fn, states, jnp.asarray(ts_p, dtype), jnp.asarray(pts_p, dtype),
                    stop, dict(options or {}), config, progress)
-    sol = jax.tree.map(np.asarray, tuple(sol))
+    sol = to_host(tuple(sol))
     loss, half, centre, slow, var = sol[:5]
     trim = lambda x, k: x[:, :k]  # noqa: E731
     return FlowArrays(trim(loss, n), trim(half, n), jax.tree.map(lambda x: trim(x, m), centre),
@@ -175,10 +177,14 @@ def probe_batch(optimizer, loss_fn, params, slow, *, k: int = 1, method: str = "
 
     A batch sharded over several devices is probed on one device: the partitioned probe kernel
     stalled XLA's CPU backend (2 fake CPU devices, jax 0.10.2), where the rollout and the solve
-    run partitioned fine. Probes are a small share of a sweep's time (README)."""
+    run partitioned fine. Probes are a small share of a sweep's time (README). Under
+    ``jax.distributed`` every process gathers the optimizer and probes the whole batch on its own
+    first device (the states arrive gathered already), so all processes hold the same probes."""
     if _sharded(optimizer):
-        optimizer = jax.tree.map(lambda x: jax.device_put(x, jax.devices()[0]) if isinstance(x, jax.Array) else x,
-                                 optimizer)
+        dev = jax.local_devices()[0]
+        optimizer = jax.tree.map(
+            lambda x: jax.device_put(x if x.is_fully_addressable else to_host(x), dev) if isinstance(x, jax.Array)
+            else x, optimizer)
     leaves = jax.tree.leaves(params)
     B, m = leaves[0].shape[:2]
     if m == 0:

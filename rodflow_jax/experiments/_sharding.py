@@ -1,4 +1,10 @@
-"""Sharding the configuration axis of a batch over devices (a 1-D mesh)."""
+"""Sharding the configuration axis of a batch over devices (a 1-D mesh), on one process or many.
+
+Under ``jax.distributed`` (several processes, one global mesh) every process runs the same code:
+:func:`place` builds the global arrays from the (identical) host data of every process, and
+:func:`to_host` gathers a global array to every process (``process_allgather``) where one
+process alone cannot read it. On one process both are the plain ``device_put`` / ``np.asarray``.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,17 @@ def config_sharding(devices) -> jax.sharding.NamedSharding | None:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("config"))
 
 
+def place(x, sharding):
+    """``x`` on ``sharding``; a sharding spanning other processes is filled from this process's
+    copy of ``x`` (every process holds the same host data), one local shard at a time."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(jnp.asarray(x), sharding)
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    host = to_host(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
 def pad_and_shard(tree, sharding):
     """Pad the leading axis to a multiple of the device count (repeating the last row) and place
     the array leaves (other leaves, e.g. a schedule, stay as they are)."""
@@ -27,11 +44,46 @@ def pad_and_shard(tree, sharding):
     b = arrays[0].shape[0]
     extra = -b % n
 
-    def place(x):
+    def pad(x):
         if not hasattr(x, "shape"):
             return x
         x = jnp.asarray(x)
         x = jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)]) if extra else x
-        return jax.device_put(x, sharding)
+        return place(x, sharding)
 
-    return jax.tree.map(place, tree)
+    return jax.tree.map(pad, tree)
+
+
+def to_host(tree, take=None):
+    """NumPy copies of a pytree's array leaves (``take``: only those indices of axis 1). A global
+    array this process cannot read alone (under ``jax.distributed``) is indexed on the devices and
+    then gathered with ``process_allgather``, a collective: every process must call this at the
+    same point, and every process gets the whole array."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            if take is not None and len(take) == 0:  # nothing to gather (the same on every process)
+                return np.zeros((x.shape[0], 0, *x.shape[2:]), x.dtype)
+
+            return np.asarray(multihost_utils.process_allgather(x if take is None else x[:, take], tiled=True))
+        x = np.asarray(x)
+        return x if take is None else x[:, take]
+
+    return jax.tree.map(one, tree)
+
+
+def is_primary() -> bool:
+    """True on the one process that writes files and prints (process 0; the only one by default)."""
+    return jax.process_index() == 0
+
+
+def all_agree(ok: bool) -> bool:
+    """Process 0's ``ok`` on every process (a broadcast under ``jax.distributed``; else ``ok``), so
+    a refusal found by process 0 alone (e.g. its output folder) stops every process."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))

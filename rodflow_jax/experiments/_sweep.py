@@ -27,6 +27,7 @@ from .._errors import InputError
 from ..optimizers import describe
 from ._engine import stack_trees
 from ._evaluate import evaluate
+from ._merge import check_shard, fingerprint, shard_range
 from ._progress import say
 from ._records import run_record
 from ._sharding import config_sharding, pad_and_shard
@@ -116,6 +117,7 @@ def sweep(
     devices=None,
     progress=False,
     param_budget: float = 2e7,
+    shard: tuple[int, int] | None = None,
 ) -> SweepResult:
     """Evaluate every (grid point, seed) configuration as one vmapped batch per kernel and model.
 
@@ -130,6 +132,10 @@ def sweep(
     constructor's other arguments, and any float argument of it can be in ``grid``), or an
     optimizer (e.g. ``from_optax(factory, hyperparameters=...)``), whose
     ``continuous_hyperparameters`` the grid may set.
+
+    ``shard=(i, n)`` evaluates only the i-th of n contiguous slices of the configurations (a job
+    array's task; :func:`~._merge.merge_shards` joins them), with K and the probe grid resolved
+    over the whole grid so that its rows are those of the whole sweep.
     """
     grid = dict(grid or {})
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
@@ -141,10 +147,13 @@ def sweep(
     if not seeds:
         raise InputError("at least one seed is needed")
     configs = configurations(grid, seeds)
+    B_all = len(configs)
+    first, stop = (0, B_all) if shard is None else shard_range(B_all, check_shard(shard))
     opts = grid_optimizers(optimizer_name, spec, [hp for hp, _ in configs], fixed, opt_args)  # validates each
     base = {k: v for k, v in describe(opts[0]).items() if k not in grid and k != "name"}
     models = resolve_models(models, opts[0])
-    K = resolve_start(start_step, opts, num_steps)
+    K = resolve_start(start_step, opts, num_steps)  # over the whole grid, also for a shard
+    configs, opts = configs[first:stop], opts[first:stop]
     loss_fn, seed_params = _seed_problems(spec.make, seeds)
     opts = [o.prepared(seed_params[0]) for o in opts]
     by_seed = dict(zip(seeds, seed_params))
@@ -155,10 +164,12 @@ def sweep(
     sharding = config_sharding(devices)
     optimizer, params = pad_and_shard((optimizer, params), sharding)
     say(progress, f"sweep: {B} configurations x {num_steps} steps, models {', '.join(models)}"
+        + (f", shard {shard[0]}/{shard[1]} (configurations {first}..{stop - 1} of {B_all})" if shard else "")
         + (f", sharded over {sharding.mesh.size} devices" if sharding else ""))
     ev = evaluate(loss_fn, optimizer, params, num_steps, K, models, threshold_quantity=opts[0].threshold_quantity,
                   flow_options=flow_options, probe_every=probe_every, top_k=top_k,
-                  sharpness_method=sharpness_method, param_budget=param_budget, progress=progress, batch=B)
+                  sharpness_method=sharpness_method, param_budget=param_budget, progress=progress,
+                  batch=B_all)  # the whole grid's batch: a shard's step grid and probes are the sweep's
     records = []
     for i, (hp, seed) in enumerate(configs):
         rec = {"hyperparameters": {k: float(v) for k, v in hp.items()}, "seed": seed,
@@ -172,6 +183,15 @@ def sweep(
             "seeds": seeds, "grid": {k: list(map(float, v)) for k, v in grid.items()}, "fixed": base,
             "models": models, "probe_every": int(ev.probe_steps[1] - ev.probe_steps[0]) if len(ev.probe_steps) > 1
             else None, "num_configurations": B, "devices": sharding.mesh.size if sharding else 1}
+    if jax.process_count() > 1:
+        info["processes"] = jax.process_count()
+    if shard is not None:
+        info["shard"] = {"index": int(shard[0]), "count": int(shard[1]), "configurations": [first, stop]}
+    info["fingerprint"] = fingerprint({  # everything the shards of one sweep must share
+        **{k: info[k] for k in ("problem", "optimizer", "num_steps", "start_step", "seeds", "grid", "fixed",
+                                "models", "probe_every")},
+        "dtype": str(dtype), "every": ev.every, "top_k": top_k, "sharpness_method": sharpness_method,
+        "flow_options": {m: (flow_options or {}).get(m) for m in models if (flow_options or {}).get(m)}})
     return SweepResult(records, arrays, info, ev.timings)
 
 

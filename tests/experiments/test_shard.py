@@ -1,0 +1,211 @@
+"""Sweeps across machines: job-array shards merged back equal the one-machine sweep, refusals
+are one line and write nothing, and a jax.distributed run over one global mesh (2 processes x 2
+fake CPU devices) equals the one-process sweep."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import assert_records_close
+
+from rodflow_jax import InputError, sweep
+from rodflow_jax.cli import main
+from rodflow_jax.experiments._merge import merge_shards, parse_shard, shard_range
+from rodflow_jax.problems._toy import make_toy, toy_loss
+
+GRID = {"learning_rate": [0.3, 0.4, 0.5]}
+SEEDS = [0, 1]
+KW = dict(models=("discrete", "rod"), probe_every=5)
+STEPS = 30
+ROOT = Path(__file__).parents[2]
+
+
+def toy(seed):
+    """The built-in toy with one loss function object, so the kernels compile once per batch size."""
+    return toy_loss, make_toy(seed)[1]
+
+
+def _sweep(shard=None, grid=GRID, **kw):
+    return sweep(toy, "gd", grid, SEEDS, STEPS, shard=shard, **{**KW, **kw})
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "sweep"
+    _sweep().save(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """The 6 configurations as 2 and as 3 shards, saved."""
+    root = tmp_path_factory.mktemp("shards")
+    dirs = {}
+    for n in (2, 3):
+        dirs[n] = [_sweep((i, n)).save(root / f"s{i}of{n}") for i in range(n)]
+    return dirs
+
+
+def _same_sweep(a: Path, b: Path, rtol=1e-12):
+    assert_records_close(json.loads((a / "sweep.json").read_text()), json.loads((b / "sweep.json").read_text()),
+                         rtol=rtol)
+    with np.load(a / "sweep_arrays.npz") as za, np.load(b / "sweep_arrays.npz") as zb:
+        assert sorted(za.files) == sorted(zb.files)
+        for k in za.files:
+            np.testing.assert_allclose(za[k], zb[k], rtol=rtol, atol=0, err_msg=k)
+
+
+def test_shard_ranges_tile_the_grid_in_order():
+    for total in (1, 5, 6, 7, 64):
+        for n in range(1, min(total, 9) + 1):
+            ranges = [shard_range(total, (i, n)) for i in range(n)]
+            expected = [(int(p[0]), int(p[-1]) + 1) for p in np.array_split(np.arange(total), n)]
+            assert ranges == expected
+    assert parse_shard("2/4") == (2, 4) and parse_shard(" 0/1 ") == (0, 1)
+    for bad, match in [("4/4", "0..3"), ("-1/4", "0..3"), ("1/0", "at least 1"), ("1", "I/N"), ("a/b", "I/N"),
+                       ("1/2/3", "I/N")]:
+        with pytest.raises(InputError, match=match):
+            parse_shard(bad)
+    with pytest.raises(InputError, match="leave shards empty"):
+        shard_range(3, (0, 4))
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_merged_shards_equal_the_whole_sweep(whole, shards, n, tmp_path):
+    infos = [json.loads((d / "sweep_info.json").read_text()) for d in shards[n]]
+    assert [i["shard"]["configurations"] for i in infos] == [list(shard_range(6, (i, n))) for i in range(n)]
+    assert sum(i["num_configurations"] for i in infos) == 6
+    out = merge_shards(list(reversed(shards[n])), tmp_path / "merged")  # any order on the command line
+    _same_sweep(whole, out)
+    a, b = (json.loads((d / "sweep_info.json").read_text()) for d in (whole, out))
+    assert "shard" not in b and b.pop("merged_shards") == n
+    assert a == b  # fingerprint, start step, probe grid, num_configurations: all the whole sweep's
+    assert (out / "sweep_loss.png").exists() and (out / "sweep_sharpness.png").exists()
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["rod"] == pytest.approx(sum(json.loads((d / "timings.json").read_text())["rod"]
+                                               for d in shards[n]))
+
+
+def test_start_step_is_resolved_over_the_whole_grid():
+    # heavy ball's automatic K is ceil(10 / (1 - momentum)): 10 at momentum 0, 20 at 0.5. The
+    # first shard holds only momentum 0 and must still start the flows at the grid's K = 20.
+    grid = {"momentum": [0.0, 0.5]}
+    kw = dict(models=("discrete",), probe_every=5, fixed={"learning_rate": 0.3})
+    s0 = sweep(toy, "heavy_ball", grid, [0], STEPS, shard=(0, 2), **kw)
+    assert s0.records[0]["hyperparameters"] == {"momentum": 0.0} and len(s0.records) == 1
+    assert s0.info["start_step"] == 20
+    with pytest.raises(InputError, match="leave shards empty"):
+        sweep(toy, "heavy_ball", grid, [0], STEPS, shard=(2, 3), **kw)
+
+
+def _refused(dirs, out, match):
+    with pytest.raises(InputError, match=match):
+        merge_shards(dirs, out)
+    assert not Path(out).exists()  # nothing written
+
+
+def test_merge_refusals_write_nothing(whole, shards, tmp_path):
+    two, three = shards[2], shards[3]
+    out = tmp_path / "m"
+    _refused(two[:1], out, r"missing shard\(s\) 1 of 2")
+    _refused([two[0], two[0], two[1]], out, "given twice")
+    _refused([two[0], whole], out, "is not a sweep shard")
+    _refused([two[0], tmp_path], out, "is not a sweep folder")
+    _refused([two[0], three[1]], out, "different numbers of shards")
+    other = _sweep((1, 2), grid={"learning_rate": [0.3, 0.4, 0.6]}).save(tmp_path / "other")
+    _refused([two[0], other], out, "shards of different sweeps .*differ in grid")
+    # an edited shard entry: overlapping slices
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in two[1].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    info = json.loads((bad / "sweep_info.json").read_text())
+    info["shard"]["configurations"] = [2, 5]
+    (bad / "sweep_info.json").write_text(json.dumps(info))
+    _refused([two[0], bad], out, "overlapping or incomplete")
+    with pytest.raises(InputError, match="one of the shards"):
+        merge_shards(two, two[0], overwrite=True)
+
+
+def test_cli_shards_and_merge(tmp_path, capsys):
+    base = ["sweep", "--problem", "toy", "--optimizer", "gd", "--learning-rate", "0.3,0.5", "--steps", "20",
+            "--models", "discrete", "--probe-every", "5", "--float64", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "whole")]) == 0
+    for i in range(2):
+        assert main(base + ["--shard", f"{i}/2", "--out", str(tmp_path / f"s{i}")]) == 0
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "s1"), str(tmp_path / "s0"), "--out", str(tmp_path / "m")]) == 0
+    assert "merged 2 shards: 2 configurations" in capsys.readouterr().out
+    _same_sweep(tmp_path / "whole", tmp_path / "m")
+    # refusals: one line, exit 2, before any compute or writing
+    cases = [
+        (base + ["--shard", "2/2", "--out", str(tmp_path / "x")], "0..1"),
+        (base + ["--shard", "0/3", "--out", str(tmp_path / "x")], "leave shards empty"),
+        (base + ["--shard", "half", "--out", str(tmp_path / "x")], "--shard must be I/N"),
+        (["merge", str(tmp_path / "s0"), "--out", str(tmp_path / "x")], "missing shard"),
+        (["merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")], "--overwrite"),
+        (base + ["--coordinator", "127.0.0.1:1234", "--out", str(tmp_path / "x")], "missing --num-processes"),
+        (base + ["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "0",
+                 "--out", str(tmp_path / "x")], "needs --devices all"),
+        (base + ["--devices", "all", "--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"],
+         "HOST:PORT"),
+        (base + ["--devices", "all", "--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "0..1"),
+        (base + ["--devices", "all", "--coordinator", "h:1", "--num-processes", "2", "--process-id", "0",
+                 "--local-device-ids", "a"], "--local-device-ids"),
+    ]
+    for argv, match in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1 and err.startswith("rodflow: error:"), (argv, err)
+    assert not (tmp_path / "x").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_distributed_two_processes_equal_one(tmp_path):
+    """2 processes x 2 fake CPU devices (gloo collectives): one global mesh of 4 devices."""
+    args = ["sweep", "--problem", "toy", "--optimizer", "gd", "--learning-rate", "0.3,0.4,0.5", "--seeds", "2",
+            "--steps", "30", "--models", "discrete,rod", "--probe-every", "5", "--float64", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "MPLBACKEND": "Agg"}
+    dist = args + ["--devices", "all", "--num-processes", "2", "--out", str(tmp_path / "dist")]
+
+    def launch(port):
+        argv = [*dist, "--coordinator", f"127.0.0.1:{port}"]
+        procs = [subprocess.Popen([sys.executable, "-m", "rodflow_jax", *argv, "--process-id", str(i)], env=env,
+                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+        try:
+            outs = [p.communicate(timeout=240) for p in procs]  # a hang fails, it does not block
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        return [p.returncode for p in procs], outs
+
+    codes, outs = launch(_free_port())
+    for code, (out, err) in zip(codes, outs):
+        assert code == 0, err[-3000:]
+    assert "6 configurations" in outs[0][0]
+    assert "configurations" not in outs[1][0] and "wrote" not in outs[1][0]  # only process 0 reports
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dist", "one"]  # one output folder, no leftovers
+    _same_sweep(tmp_path / "one", tmp_path / "dist", rtol=1e-9)
+    info = json.loads((tmp_path / "dist" / "sweep_info.json").read_text())
+    assert info["devices"] == 4 and info["processes"] == 2
+    # process 0 alone checks the output folder; its refusal stops both processes, before any compute
+    codes, outs = launch(_free_port())
+    assert codes == [2, 2]
+    assert outs[0][1].strip().splitlines()[-1].endswith("pass --overwrite to replace it")
+    assert outs[1][1].strip().splitlines()[-1] == "rodflow: error: process 0 cannot write the output folder (its " \
+        "log says why)"
