@@ -33,8 +33,13 @@ OUT = Path(__file__).parent / "results" / "optax_recipes.json"
 def clip_adamw_warmup_cosine(learning_rate, weight_decay=1e-2, max_norm=1.0, *, steps=1000):
     """``chain(clip_by_global_norm, adamw)`` with a warmup-cosine schedule peaking at ``learning_rate``
     (warmup over the first 10 %, decay to a tenth by the last step)."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, steps // 10, steps,
-                                                  end_value=learning_rate / 10)
+    # optax's schedule compares its peak with 0 in Python, so it cannot take a traced rate:
+    # the same schedule as the rate times a unit-peak one
+    unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, steps // 10, steps, end_value=0.1)
+
+    def schedule(count):
+        return learning_rate * unit(count)
+
     return optax.chain(optax.clip_by_global_norm(max_norm), optax.adamw(schedule, weight_decay=weight_decay))
 
 

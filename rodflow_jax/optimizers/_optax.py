@@ -146,6 +146,23 @@ _RULES: dict[tuple[str, str], str] = {
     ("ZeroNansState", "found_nan"): SLOW,
 }
 _ANY_COUNT = "count"  # a NamedTuple field of this name is a step counter: slow
+# second moments optax takes a square root of: values below a floor just above the smallest normal
+# number (an exact 0 on a coordinate whose gradient was always 0) are read as that floor, so that
+# sqrt's derivative is finite (0 * inf = NaN otherwise); sqrt(floor) < 2e-16 (float32) and 2e-145
+# (float64) is below the rounding of any eps > 1e-8 / 1e-130, so the values do not change
+_SQRT_FED = {("ScaleByAdamState", "nu"), ("ScaleByAmsgradState", "nu"), ("ScaleByAmsgradState", "nu_max"),
+             ("ScaleByRmsState", "nu"), ("ScaleByRmsWithCountState", "nu"), ("ScaleByBeliefState", "nu"),
+             ("ScaleByRStdDevState", "nu"), ("ScaleByRStdDevWithCountState", "nu"), ("ScaleByRssState", "sum_of_squares")}
+
+
+def _sqrt_fed(state, path) -> bool:
+    owners = _owners(state, path)
+    return bool(owners) and next((o for o in reversed(owners) if o in _RULES), None) in _SQRT_FED
+
+
+def _off_zero(x):
+    floor = jnp.finfo(x.dtype).tiny * 2.0 ** (20 if jnp.finfo(x.dtype).bits <= 32 else 60)  # no subnormals next step
+    return x + jax.lax.stop_gradient(jnp.where(x < floor, floor - x, 0))  # derivative 1, as for x itself
 
 
 # --- classifying the optax state's leaves ----------------------------------------------------
@@ -269,6 +286,7 @@ class OptaxOptimizer(AbstractOptimizer):
     hparams: dict = eqx.field(default_factory=dict)
     slow_decay: jax.Array | None = None
     infer_decay: bool = eqx.field(static=True, default=False)
+    untraceable: str | None = eqx.field(static=True, default=None)  # why a factory's floats stay static
     integer_counts: bool = eqx.field(static=True, default=False)
     honour_new_slow: bool = eqx.field(static=True, default=True)
 
@@ -304,16 +322,17 @@ class OptaxOptimizer(AbstractOptimizer):
         optimizer's ``integer_counts``), else handed over as the real numbers they are here."""
         integer_counts = self.integer_counts if integer_counts is None else integer_counts
         template = jax.eval_shape(self.tx.init, params)
-        leaves, treedef = jax.tree.flatten(template)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(template)
         classes = self._classes(template)
         fast_leaves = iter(jax.tree.leaves(fast))
         slow_leaves = iter(jax.tree.leaves(slow))
         out = []
-        for t, c in zip(leaves, classes):
+        for (path, t), c in zip(flat, classes):
             if c == FAST:
                 out.append(next(fast_leaves))
             else:
-                out.append(_from_real(next(slow_leaves), t.dtype, integer_counts))
+                x = _from_real(next(slow_leaves), t.dtype, integer_counts)
+                out.append(_off_zero(x) if _sqrt_fed(template, path) else x)
         return jax.tree.unflatten(treedef, out)
 
     def _zero_fast(self, params):
@@ -432,7 +451,9 @@ class OptaxOptimizer(AbstractOptimizer):
         tracers or batched arrays): what sweeps and hypergradients use."""
         bad = [k for k in values if k not in self.continuous_hyperparameters()]
         if bad:
-            how = (f"its continuous arguments are: {', '.join(self.continuous_hyperparameters())}"
+            how = (f"its factory cannot be built from traced arguments ({self.untraceable}), so they are static"
+                   if self.untraceable else
+                   f"its continuous arguments are: {', '.join(self.continuous_hyperparameters())}"
                    if self.factory is not None else
                    "it wraps a built transformation; wrap the factory instead, "
                    "from_optax(optax.NAME, hyperparameters={...}), to sweep or differentiate its arguments")
@@ -531,6 +552,12 @@ def from_optax(
                          ) from None
     if not isinstance(built, optax.GradientTransformation):
         raise InputError(f"{name or label}(...) returned a {type(built).__name__}, not a GradientTransformation")
+    try:
+        jax.jit(lambda h: (tx(**others, **h), jnp.zeros(()))[1])(floats)  # can it be built from tracers?
+    except Exception as e:  # noqa: BLE001 - any failure means: its floats must stay Python numbers
+        if floats:
+            others, floats = {**others, **floats}, {}
+            common["untraceable"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     try:
         static_args = tuple(sorted(others.items()))
         hash(static_args)

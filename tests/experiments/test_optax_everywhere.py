@@ -114,3 +114,19 @@ def test_inertial_flows_refuse_a_wrapped_transformation_with_the_reason(tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "velocity form" in err[0] and "heavy_ball" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_a_factory_that_cannot_take_tracers_keeps_its_floats_static():
+    """optax's warmup_cosine_decay_schedule compares its peak with 0 in Python: built from tracers
+    it fails, so the factory's floats stay static (compare works, a sweep says why not)."""
+    def recipe(learning_rate, weight_decay=1e-2):
+        sched = optax.warmup_cosine_decay_schedule(0.0, learning_rate, 5, 40)
+        return optax.adamw(sched, weight_decay=weight_decay)
+
+    opt = from_optax(recipe, hyperparameters=dict(learning_rate=0.05))
+    assert opt.continuous_hyperparameters() == () and "TracerBoolConversionError" in opt.untraceable
+    loss, p0 = tiny_mlp()
+    ref = run_discrete(from_optax(recipe(0.05)), loss, p0, 30)
+    np.testing.assert_array_equal(np.asarray(run_discrete(opt, loss, p0, 30).loss), np.asarray(ref.loss))
+    with pytest.raises(InputError, match="cannot be built from traced arguments"):
+        opt.with_hyperparameters(learning_rate=0.1)
