@@ -25,8 +25,10 @@ from .experiments import (
     check_problem as check_problem,
     compare as compare,
     default_start_step as default_start_step,
+    estimate_hypergradient as estimate_hypergradient,
     hypergradient as hypergradient,
     sweep as sweep,
+    tune as tune,
 )
 from .flows import FLOWS as FLOWS, FlowKind as FlowKind, make_flow as make_flow
 from .flows import CentralFlow as CentralFlow, central_flow as central_flow

@@ -112,9 +112,29 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--objective", default="final_loss", help="final_loss, mean_loss_last:K or final_sharpness")
     h.add_argument("--model", default="rod", help="discrete or a flow (stable, rod, central, inertial, ...)")
     h.add_argument("--wrt", default="learning_rate", help="comma list of hyperparameters, and/or params0")
+    h.add_argument("--estimator", default="auto", choices=("auto", "exact", "es", "smoothed"),
+                   help="auto: es for mean_loss_last:K (the least-squares slope over the rate's +-width window, "
+                   "from antithetic runs), exact otherwise; exact: the derivative of the one trajectory; "
+                   "smoothed: the same slope from exact derivatives")
+    h.add_argument("--pairs", type=int, default=4, help="es/smoothed: antithetic sample pairs (2 x pairs runs)")
+    h.add_argument("--width", type=float, default=0.1, help="es/smoothed: relative half-width of the window")
+    h.add_argument("--estimator-seed", type=int, default=0, help="es/smoothed: seed of the stratified samples")
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--out", default=None, help="JSON file (default: print only)")
     h.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    t = sub.add_parser("tune", parents=[_common(True)], formatter_class=_Help,
+                       help="hypergradient descent on an averaged objective (sign steps on the estimated trend)")
+    t.add_argument("--objective", default="mean_loss_last:100", help="mean_loss_last:K, final_loss, ...")
+    t.add_argument("--model", default="discrete", help="discrete or a flow whose objective is estimated")
+    t.add_argument("--wrt", default="learning_rate", help="comma list of hyperparameters to move")
+    t.add_argument("--iterations", type=int, default=8)
+    t.add_argument("--step", type=float, default=0.2, help="first step in log(rate) (log(1 - decay) for decays)")
+    t.add_argument("--estimator", default="es", choices=("es", "smoothed", "exact"))
+    t.add_argument("--pairs", type=int, default=4)
+    t.add_argument("--width", type=float, default=0.1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default=None, help="JSON file (default: print only)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p
 
 
@@ -375,18 +395,49 @@ def _cmd_hypergrad(args) -> int:
     loss_fn, params0 = spec.make(args.seed)
     wrt = [w.strip() for w in args.wrt.split(",") if w.strip()]
     report = hypergradient_report(loss_fn, params0, optimizer, steps, objective=args.objective, model=args.model,
-                                  wrt=wrt, start_step=args.start_step)
+                                  wrt=wrt, start_step=args.start_step, estimator=args.estimator, pairs=args.pairs,
+                                  width=args.width, seed=args.estimator_seed)
     report.update(problem=args.problem, seed=args.seed, float64=bool(args.float64))
     if out is not None:
         write_json_atomic(out, report, overwrite=args.overwrite)
     value = report["objective"]
-    shown = ", ".join(f"d/d{k} = {v:.6g}" for k, v in report["gradient"].items() if v is not None)
+    se = report.get("standard_error") or {}
+    shown = ", ".join(f"d/d{k} = {v:.6g}" + (f" +- {se[k]:.2g}" if se.get(k) is not None else "")
+                      for k, v in report["gradient"].items() if v is not None)
+    shown += f" ({report['estimator']}, {report['samples']} run{'s' if report['samples'] != 1 else ''})"
     print(f"{args.objective} ({args.model}) = {value:.6g}; {shown}" if value is not None
           else f"{args.objective} ({args.model}) is not finite; {shown}")
     if "params0_gradient_norm" in report:
         print(f"|d/dparams0| = {report['params0_gradient_norm']:.6g}")
     if report.get("message"):
         print(f"note: {report['message']}")
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    from .experiments import tune
+    from .experiments._output import check_output_file, write_json_atomic
+    from .experiments._spec import resolve_optimizer, resolve_problem, resolve_steps
+    from .optimizers import describe
+
+    spec = resolve_problem(args.problem, args.optimizer)
+    optimizer = resolve_optimizer(args.optimizer, spec, _given(args), _opt_args(args))
+    out = check_output_file(args.out, overwrite=args.overwrite) if args.out else None
+    steps = resolve_steps(args.steps, spec.default_steps)
+    loss_fn, params0 = spec.make(args.seed)
+    wrt = [w.strip() for w in args.wrt.split(",") if w.strip()]
+    res = tune(loss_fn, params0, optimizer, steps, objective=args.objective, wrt=wrt, iterations=args.iterations,
+               step=args.step, model=args.model, estimator=args.estimator, pairs=args.pairs, width=args.width,
+               start_step=args.start_step, progress=_progress(args))
+    report = {**res.to_json(), "problem": args.problem, "optimizer": describe(optimizer), "objective": args.objective,
+              "model": args.model, "estimator": args.estimator, "pairs": args.pairs, "width": args.width,
+              "steps": steps, "seed": args.seed, "float64": bool(args.float64)}
+    if out is not None:
+        write_json_atomic(out, report, overwrite=args.overwrite)
+    for row in res.history:
+        print(f"{row['iteration']:3d}  {args.objective} = {row['objective']:.6g}  "
+              + "  ".join(f"{k}={v:.6g} (d/d{k} {row['gradient'][k]:+.3g})" for k, v in row["hyperparameters"].items()))
+    print("tuned: " + ", ".join(f"{k}={v:.6g}" for k, v in res.hyperparameters.items()) + f" ({res.runs} runs)")
     return 0
 
 
@@ -400,7 +451,7 @@ def main(argv=None) -> int:
             return 2
         _setup(args)
         return {"compare": _cmd_compare, "sweep": _cmd_sweep, "merge": _cmd_merge,
-                "hypergrad": _cmd_hypergrad}[args.command](args)
+                "hypergrad": _cmd_hypergrad, "tune": _cmd_tune}[args.command](args)
     except InputError as e:
         print(f"rodflow: error: {e}", file=sys.stderr)
         return 2

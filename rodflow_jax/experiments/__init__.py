@@ -18,7 +18,8 @@ from ._engine import (
     stack_trees as stack_trees,
 )
 from ._evaluate import Evaluation as Evaluation, evaluate as evaluate
-from ._hypergrad import hypergradient as hypergradient, objective_fn as objective_fn, objective_value as objective_value
+from ._estimators import ESTIMATORS as ESTIMATORS, Estimate as Estimate, EstimatorSettings as EstimatorSettings
+from ._hypergrad import estimate_hypergradient as estimate_hypergradient, hypergradient as hypergradient, objective_fn as objective_fn, objective_value as objective_value
 from ._merge import merge_shards as merge_shards
 from ._output import check_output as check_output, output_dir as output_dir, write_json as write_json
 from ._records import DiscreteRecord as DiscreteRecord, FlowRecord as FlowRecord, run_record as run_record
@@ -31,5 +32,6 @@ from ._spec import (
     differentiable as differentiable,
     resolve_problem as resolve_problem,
 )
+from ._tune import TuneResult as TuneResult, tune as tune
 from ._sweep import SweepResult as SweepResult, configurations as configurations, sweep as sweep
 from ._sweep import values_from_range as values_from_range

@@ -43,6 +43,7 @@ from .._integrate import SolverConfig, default_solver, solve
 from .._sharpness import optimizer_sharpness
 from ..flows import flow_kind
 from ..optimizers import AbstractOptimizer
+from ._estimators import DEFAULT_ESTIMATOR, Estimate, EstimatorSettings, smoothed_estimate
 from ._spec import check_problem, differentiable, resolve_start
 
 HG_MODELS = ("discrete", "stable", "rod", "central", "inertial", "inertial_stable")
@@ -121,11 +122,35 @@ def _value_and_grad(f, optimizer, x, params0, with_params: bool):
     return jax.value_and_grad(g, argnums=(0, 1) if with_params else 0)(x, params0)
 
 
+@functools.lru_cache(maxsize=32)
+def _sample_value_and_grad(f):
+    """``(optimizer, {name: value}, params0) -> (value, {name: derivative})`` for ``f`` (cached, so
+    the vmapped samples of repeated estimates share one compilation)."""
+    def value_and_grad(o, xs, p):
+        return jax.value_and_grad(lambda xs: f(_with_hyperparameters(o, xs), p))(xs)
+
+    return value_and_grad
+
+
 def _with_hyperparameters(optimizer: AbstractOptimizer, values: dict[str, Any]) -> AbstractOptimizer:
     return optimizer.with_hyperparameters(**values)
 
 
-def hypergradient(
+def _resolve_estimator(estimator, objective: str, wrt: Sequence[str], pairs: int, width: float, seed: int
+                       ) -> EstimatorSettings:
+    """``"auto"``: the measured default (:data:`DEFAULT_ESTIMATOR`) for an averaged objective
+    (``mean_loss_last:K``) of hyperparameters only; ``"exact"`` otherwise."""
+    if isinstance(estimator, EstimatorSettings):
+        return estimator
+    if estimator == "auto":
+        averaged = objective.startswith("mean_loss_last")
+        estimator = DEFAULT_ESTIMATOR if averaged and "params0" not in wrt else "exact"
+    if estimator != "exact" and "params0" in wrt:
+        raise InputError("params0 is differentiated only by the exact estimator (--estimator exact)")
+    return EstimatorSettings(estimator, pairs, width, seed)
+
+
+def estimate_hypergradient(
     loss_fn,
     params0,
     optimizer: AbstractOptimizer,
@@ -138,22 +163,31 @@ def hypergradient(
     config: SolverConfig | None = None,
     sharpness_method: str = "auto",
     flow_options: dict | None = None,
-) -> tuple[float, dict[str, Any]]:
-    """The objective's value and its derivatives ``{name: d objective / d name}``.
+    estimator="auto",
+    pairs: int = 4,
+    width: float = 0.1,
+    seed: int = 0,
+) -> Estimate:
+    """The objective's derivatives ``{name: d objective / d name}`` by an estimator
+    (:mod:`._estimators`): ``"exact"`` (one trajectory), ``"es"`` / ``"smoothed"`` (the
+    least-squares slope over ``theta (1 +- width)``, from ``pairs`` antithetic pairs in one
+    vmapped call), or ``"auto"``. Returns an :class:`~._estimators.Estimate` with standard errors
+    and the number of runs it cost.
 
     ``wrt`` names hyperparameters of ``optimizer`` (optax's names) and/or ``"params0"`` (the
-    derivative is then a pytree like ``params0``). ``start_step="auto"`` is resolved as in
-    ``compare``. See the module docstring for the models, objectives and the adjoint.
+    derivative is then a pytree like ``params0``; exact only). ``start_step="auto"`` is resolved
+    as in ``compare``. See the module docstring for the models, objectives and the adjoint.
     """
     if model not in HG_MODELS:
         raise InputError(f"unknown model {model!r}; choose from {', '.join(HG_MODELS)}")
     if model != "discrete":
         flow_kind(model).check(optimizer)
+    wrt = list(wrt)
+    settings = _resolve_estimator(estimator, objective, wrt, pairs, width, seed)
     loss_fn, params0 = differentiable(loss_fn, params0)
     check_problem(loss_fn, params0)
     optimizer = optimizer.prepared(params0)
     start_step = resolve_start(start_step, [optimizer], num_steps) if model != "discrete" else 0
-    wrt = list(wrt)
     hp_all = optimizer.hyperparameters()
     if any(callable(hp_all.get(w)) for w in wrt if w != "params0"):
         raise InputError("cannot differentiate with respect to a learning-rate schedule")
@@ -169,13 +203,27 @@ def hypergradient(
                      options=tuple(sorted((flow_options or {}).items())))
     dtype = jnp.result_type(*jax.tree.leaves(params0))
     x = {w: jnp.asarray(hp_all[w], dtype) for w in wrt if w != "params0"}
+    if settings.name != "exact":
+        return smoothed_estimate(f, _sample_value_and_grad(f), optimizer, params0,
+                                 {k: float(v) for k, v in x.items()}, settings)
     value, grads = _value_and_grad(f, optimizer, x, params0, "params0" in wrt)
     if "params0" in wrt:
         gx, gp = grads
         out = {**{k: float(v) for k, v in gx.items()}, "params0": gp}
     else:
         out = {k: float(v) for k, v in grads.items()}
-    return float(value), {w: out[w] for w in wrt}
+    return Estimate(float(value), {w: out[w] for w in wrt}, {w: None for w in wrt if w != "params0"}, settings, 1, 1)
+
+
+def hypergradient(loss_fn, params0, optimizer: AbstractOptimizer, num_steps: int, *, estimator="exact",
+                  **kw) -> tuple[float, dict[str, Any]]:
+    """``(value, {name: derivative})``: :func:`estimate_hypergradient` without the bookkeeping.
+
+    Its default is the ``"exact"`` derivative of the one trajectory (what its name says); pass
+    ``estimator="es"`` (or ``"auto"``, the command line's default) for the trend's slope at the
+    edge of stability, or use :func:`estimate_hypergradient` for standard errors and costs."""
+    est = estimate_hypergradient(loss_fn, params0, optimizer, num_steps, estimator=estimator, **kw)
+    return est.value, est.gradient
 
 
 def objective_value(loss_fn, params0, optimizer, num_steps, **kw) -> float:
@@ -192,11 +240,16 @@ def hypergradient_report(loss_fn, params0, optimizer: AbstractOptimizer, num_ste
     from ..optimizers import describe
 
     K = 0 if model == "discrete" else resolve_start(start_step, [optimizer], num_steps)
-    value, grad = hypergradient(loss_fn, params0, optimizer, num_steps, objective=objective, model=model, wrt=wrt,
-                                start_step=K, **kw)
-    out = {"objective_name": objective, "objective": value, "model": model, "estimator": "exact",
+    est = estimate_hypergradient(loss_fn, params0, optimizer, num_steps, objective=objective, model=model, wrt=wrt,
+                                 start_step=K, **kw)
+    value, grad = est.value, est.gradient
+    out = {"objective_name": objective, "objective": value, "model": model, "estimator": est.settings.name,
+           "estimator_settings": est.settings.to_json(), "samples": est.runs,
+           "objective_is": "the objective at the given hyperparameters" if est.settings.name == "exact"
+           else "the mean over the samples (the smoothed objective)",
            "optimizer": describe(optimizer), "steps": num_steps, "start_step": K,
-           "gradient": {k: v for k, v in grad.items() if k != "params0"}}
+           "gradient": {k: v for k, v in grad.items() if k != "params0"},
+           "standard_error": est.stderr, "cost": {"runs": est.runs, "derivatives": est.derivatives}}
     if "params0" in grad:
         out["params0_gradient_norm"] = float(tree_norm(grad["params0"]))
     bad = [k for k, v in out["gradient"].items() if not math.isfinite(v)]
