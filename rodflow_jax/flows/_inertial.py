@@ -30,6 +30,12 @@ On a quadratic this is ``w'' - log(beta) w' + kappa eta H w = 0`` for the centre
 mode decays at the discrete rate ``sqrt(beta)`` per step, the slow modes move at
 ``eta lambda/(1 - beta)`` as the optimizer does, and ``rho`` grows exactly when the sharpness
 passes the optimizer's threshold. ``rho = u_rho = 0`` is invariant: the *inertial stable flow*.
+
+**The Adam family** has the same velocity form with ``b1`` as the momentum and the
+preconditioner frozen per step: ``w_k - w_{k-1} = -eta (a m_k + c g_{k-1}) / P(s_k)`` (``a, c``
+the bias corrections; ``c = 0`` for Adam), so ``m_k`` is rebuilt from the velocity exactly
+(``momentum_from_velocity``) and the same code runs it, ``kappa = -log(b1)/(1 - b1)``. The slow
+state (``nu``) is fed by the two endpoints' mean, as in the first-order rod.
 """
 
 from __future__ import annotations
@@ -58,7 +64,8 @@ def supports(optimizer: AbstractOptimizer) -> str | None:
     """``None`` if the inertial flows are defined for ``optimizer``, else the reason."""
     if not isinstance(optimizer, AbstractMomentumMethod):
         if optimizer.analytic_threshold:
-            return f"the inertial flows are defined for the momentum methods (heavy_ball, nesterov), not {optimizer.name}"
+            return (f"the inertial flows are defined for the momentum methods (heavy_ball, nesterov) and the Adam "
+                    f"family (b1 as the momentum), not {optimizer.name}")
         return (f"the inertial flows need a velocity form, which a wrapped optax transformation ({optimizer.name}) "
                 "does not declare: its momentum cannot be rebuilt from a velocity without knowing the update rule; "
                 "for optax.sgd(momentum=b[, nesterov=True]) use --optimizer heavy_ball or nesterov, which equal it")

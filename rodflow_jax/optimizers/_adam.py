@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from .._errors import check_nonnegative, check_unit_interval
 from ._base import (
     AbstractAdaptiveOptimizer,
+    AbstractMomentumMethod,
     Phase,
     Slow,
     as_hparam,
@@ -22,7 +23,7 @@ from ._base import (
 )
 
 
-class _AbstractAdam(AbstractAdaptiveOptimizer):
+class _AbstractAdam(AbstractAdaptiveOptimizer, AbstractMomentumMethod):
     r"""The Adam family, with optax's count $t = k + 1$:
 
     $m' = b_1 m + (1-b_1) g$, $\nu' = b_2 \nu + (1-b_2) f(g)$,
@@ -82,6 +83,24 @@ class _AbstractAdam(AbstractAdaptiveOptimizer):
 
     def slow_alternation(self):
         return 1.0 / (1.0 + self.b2)
+
+    # --- the velocity form (the inertial flows): b1 is the momentum, P frozen per step ---------
+    def momentum_decay(self):
+        return self.b1
+
+    def momentum_from_velocity(self, params, velocity, slow, grad_fn):
+        r"""``m_k`` from ``v = w_k - w_{k-1} = -\eta (a m_k + c g(w_{k-1})) / P(s_k)``, with
+        ``(a, c)`` the bias-correction coefficients at ``s_k.count`` and ``\eta`` that of the step
+        from ``s_{k-1}`` (``slow`` is ``s_k``; ``c = 0`` for Adam, so no gradient is needed)."""
+        eta = self.eta(Slow(slow.count - 1, slow.nu))
+        a, c = self._mhat_coefficients(slow.count)
+        p = self.preconditioner(slow)
+        scaled = jax.tree.map(lambda v: -v / eta, velocity)
+        mhat = (jax.tree.map(lambda v: v * p, scaled) if self.scalar else jax.tree.map(jnp.multiply, scaled, p))
+        if self.nesterov:
+            g_prev = grad_fn(jax.tree.map(jnp.subtract, params, velocity))
+            return jax.tree.map(lambda mh, g: (mh - c * g) / a, mhat, g_prev)
+        return jax.tree.map(lambda mh: mh / a, mhat)
 
     def hyperparameters(self):
         return {"learning_rate": self.learning_rate, "b1": self.b1, "b2": self.b2, "eps": self.eps}
