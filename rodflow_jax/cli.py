@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto: es for mean_loss_last:K (the least-squares slope over the rate's +-width window, "
                    "from antithetic runs), exact otherwise; exact: the derivative of the one trajectory; "
                    "smoothed: the same slope from exact derivatives")
-    h.add_argument("--pairs", type=int, default=4, help="es/smoothed: antithetic sample pairs (2 x pairs runs)")
+    h.add_argument("--pairs", type=int, default=16, help="es/smoothed: antithetic sample pairs (2 x pairs runs)")
     h.add_argument("--width", type=float, default=0.1, help="es/smoothed: relative half-width of the window")
     h.add_argument("--estimator-seed", type=int, default=0, help="es/smoothed: seed of the stratified samples")
     h.add_argument("--seed", type=int, default=0)

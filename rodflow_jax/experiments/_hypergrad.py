@@ -43,7 +43,7 @@ from .._integrate import SolverConfig, default_solver, solve
 from .._sharpness import optimizer_sharpness
 from ..flows import flow_kind
 from ..optimizers import AbstractOptimizer
-from ._estimators import DEFAULT_ESTIMATOR, Estimate, EstimatorSettings, smoothed_estimate
+from ._estimators import DEFAULT_ESTIMATOR, DEFAULT_PAIRS, Estimate, EstimatorSettings, smoothed_estimate
 from ._spec import check_problem, differentiable, resolve_start
 
 HG_MODELS = ("discrete", "stable", "rod", "central", "inertial", "inertial_stable")
@@ -164,7 +164,7 @@ def estimate_hypergradient(
     sharpness_method: str = "auto",
     flow_options: dict | None = None,
     estimator="auto",
-    pairs: int = 4,
+    pairs: int = DEFAULT_PAIRS,
     width: float = 0.1,
     seed: int = 0,
 ) -> Estimate:

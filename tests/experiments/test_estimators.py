@@ -54,8 +54,8 @@ def test_report_states_the_estimator_and_auto_default():
     loss, p0 = tiny_mlp(0)
     opt = make_optimizer("gd", learning_rate=LR)
     rep = hypergradient_report(loss, p0, opt, STEPS, objective=OBJ, model="discrete")
-    assert rep["estimator"] == "es" and rep["samples"] == 8 and rep["estimator_settings"]["pairs"] == 4
-    assert rep["standard_error"]["learning_rate"] is not None and rep["cost"]["runs"] == 8
+    assert rep["estimator"] == "es" and rep["samples"] == 32 and rep["estimator_settings"]["pairs"] == 16
+    assert rep["standard_error"]["learning_rate"] is not None and rep["cost"]["runs"] == 32
     assert hypergradient_report(loss, p0, opt, STEPS, objective="final_loss", model="discrete")["estimator"] == "exact"
     with pytest.raises(InputError, match="exact estimator"):
         hypergradient_report(loss, p0, opt, STEPS, objective=OBJ, wrt=("params0",), estimator="es")
