@@ -84,7 +84,7 @@ def rod_grads_per_solve(loss_fn, p0, lr, steps):
     return res.metrics["rod"]["solver_steps"] * 6 * 2
 
 
-def run_problem(problem, rates, steps, window, points, names):
+def run_problem(problem, rates, steps, window, points, names, save=lambda partial: None):
     loss_fn, p0 = rf.get_problem(problem).make(0)
     objective = f"mean_loss_last:{window}"
     t = time.perf_counter()
@@ -97,6 +97,11 @@ def run_problem(problem, rates, steps, window, points, names):
     eos = [r["eos_onset_step"] for r in onset.records]
     rod_grads = None
     rows = {}
+
+    def summary(rows):
+        return _summary(problem, steps, objective, rates, eos, points, ref, ref_se, wiggle, sig, ref_half, conv,
+                        ref_cost, ref_wall, rod_grads, rows)
+
     for name in names:
         model, estimator, pairs = ESTIMATORS[name]
         if model == "rod" and rod_grads is None:
@@ -135,6 +140,12 @@ def run_problem(problem, rates, steps, window, points, names):
               f"{r['median_magnitude_ratio']:9.3g} {cost if cost is not None else '-':>10} "
               f"{r['cost_vs_reference'] if r['cost_vs_reference'] is not None else float('nan'):8.3f} "
               f"{r['wall_s_per_estimate']:7.2f}s", flush=True)
+        save(summary(rows))
+    return summary(rows)
+
+
+def _summary(problem, steps, objective, rates, eos, points, ref, ref_se, wiggle, sig, ref_half, conv, ref_cost, ref_wall,
+             rod_grads, rows):
     return {"problem": problem, "optimizer": "gd", "steps": steps, "objective": objective, "rates": list(map(float, rates)),
             "eos_onset_step": eos, "reference": {"points": points, "width": 0.1, "slopes": ref.tolist(),
                                                  "standard_errors": ref_se.tolist(), "wiggle_std": wiggle.tolist(),
@@ -162,7 +173,11 @@ def main(argv=None):
     for problem in args.problems.split(","):
         lo, hi = LADDERS.get(problem, (0.15, 0.6))
         rates = np.geomspace(lo, hi, args.rates)
-        results.append(run_problem(problem, rates, args.steps, args.window, args.ref_points, names))
+        def save(partial, done=list(results)):
+            write_json(Path(args.out), {"machine": platform.machine(), "jax": jax.__version__,
+                                        "results": done + [partial]})
+
+        results.append(run_problem(problem, rates, args.steps, args.window, args.ref_points, names, save))
         write_json(Path(args.out), {"machine": platform.machine(), "jax": jax.__version__, "results": results})
 
 

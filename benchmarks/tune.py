@@ -31,7 +31,7 @@ from rodflow_jax.experiments import objective_fn, stack_trees, write_json  # noq
 OUT = Path(__file__).parent / "results" / "tune.json"
 CASES = [  # problem, optimizer, start hyperparameters, moved
     ("mlp-digits", "gd", {"learning_rate": 0.05}, ("learning_rate",)),
-    ("mlp-digits", "gd", {"learning_rate": 0.6}, ("learning_rate",)),
+    ("mlp-digits", "gd", {"learning_rate": 0.6}, ("learning_rate",)),  # samples diverge at first
     ("mlp-digits", "heavy_ball", {"learning_rate": 0.05, "momentum": 0.5}, ("learning_rate", "momentum")),
 ]
 DECAYS = ("b1", "b2", "momentum", "decay")

@@ -118,6 +118,7 @@ class Estimate:
     settings: EstimatorSettings
     runs: int
     derivatives: int
+    nonfinite: int = 0  # samples whose objective (or derivative) is not finite: diverged runs
 
 
 def smoothed_estimate(f: Callable, value_and_grad: Callable, optimizer, params0, theta: dict[str, float],
@@ -155,8 +156,9 @@ def smoothed_estimate(f: Callable, value_and_grad: Callable, optimizer, params0,
         est = np.mean(per_pair, axis=0)
         se = np.std(per_pair, axis=0, ddof=1) / np.sqrt(S) if S > 1 else np.full(d, np.nan)
         value, runs, derivs = float(np.mean(np.asarray(vals))), 2 * S, 2 * S
+    bad = int(np.sum(~np.isfinite(np.asarray(vals, float))))
     return Estimate(value, {n: float(e) for n, e in zip(names, est)},
-                    {n: (float(x) if np.isfinite(x) else None) for n, x in zip(names, se)}, settings, runs, derivs)
+                    {n: (float(x) if np.isfinite(x) else None) for n, x in zip(names, se)}, settings, runs, derivs, bad)
 
 
 @eqx.filter_jit

@@ -253,7 +253,10 @@ def hypergradient_report(loss_fn, params0, optimizer: AbstractOptimizer, num_ste
     if "params0" in grad:
         out["params0_gradient_norm"] = float(tree_norm(grad["params0"]))
     bad = [k for k, v in out["gradient"].items() if not math.isfinite(v)]
-    if bad and value is not None and math.isfinite(value):
+    if est.nonfinite:
+        out["message"] = (f"{est.nonfinite} of {est.runs} samples are not finite (diverged runs): the window "
+                          f"theta (1 +- {est.settings.width:g}) reaches past stability; use a smaller --width or rate")
+    elif bad and value is not None and math.isfinite(value):
         out["message"] = (f"the derivative with respect to {', '.join(bad)} is not finite"
                           + ("; an optax optimizer dividing by sqrt(nu) has an infinite derivative where nu = 0 "
                              "(a parameter whose gradient is always 0): pass eps_root=1e-30, optax's option for "

@@ -8,7 +8,9 @@ log coordinate: ``log theta`` for a rate or a weight, ``log(1 - theta)`` for a d
 is ``step`` (default 0.2, i.e. about 20 % of the rate) and halves whenever a derivative changes
 sign (Rprop): at the edge of stability the trend is flat and noisy near its minimum, and only the
 sign of a smoothed slope is trustworthy there. A derivative within one standard error of 0 is not
-followed (the step shrinks instead).
+followed (the step shrinks instead). Where a sample diverges (the estimate is not finite), the
+window reaches past stability: the loop steps back (a smaller rate, a smaller decay) by half its
+step.
 """
 
 from __future__ import annotations
@@ -72,10 +74,16 @@ def tune(loss_fn, params0, optimizer, num_steps: int, *, objective: str, wrt: Se
         history.append(row)
         say(progress, f"tune {it}: {objective} = {est.value:.6g} at "
             + ", ".join(f"{k}={v:.6g}" for k, v in hp.items()))
+        finite = all(g is not None and math.isfinite(g) for g in est.gradient.values())
+        row["diverged"] = not finite
         for w in hp:
             g, se = est.gradient[w], est.stderr.get(w)
-            if g is None or not math.isfinite(g):
-                raise InputError(f"tune: the estimated derivative in {w} is not finite at {w}={hp[w]:g}")
+            if not finite:  # a sample diverged: the window reaches past stability; step back, more carefully
+                steps[w] /= 2
+                z[w] += steps[w] if w in DECAYS else -steps[w]  # a smaller rate, a smaller decay
+                last_sign.pop(w, None)
+                hp[w] = _from_z(w, z[w])
+                continue
             dz = g * (-(1.0 - hp[w]) if w in DECAYS else hp[w])  # d objective / d z
             sign = 0.0 if (se is not None and abs(g) <= se) else math.copysign(1.0, dz)
             if sign == 0.0 or (w in last_sign and sign != last_sign[w]):
