@@ -71,7 +71,7 @@ def run_case(problem, name, start, moved, args):
         z = np.linspace(-reach, reach, per_dim)
         axes.append(1 - (1 - v) * np.exp(z) if k in DECAYS else v * np.exp(z))
     grid = [dict(zip(moved, c)) for c in itertools.product(*axes)]
-    grid = [{**start, **g} for g in grid if all(g[k] < 1 for k in moved if k in DECAYS)]
+    grid = [{**start, **g} for g in grid if all(0 <= g[k] < 1 for k in moved if k in DECAYS)]
     vals = _eval(f, p0, name, grid)
     vals = np.where(np.isfinite(vals), vals, np.inf)
     best = grid[int(np.argmin(vals))]
