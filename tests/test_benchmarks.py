@@ -1,0 +1,63 @@
+"""The accelerator and scaling benchmarks run end to end at ``--tiny`` size (slow lane)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script, out, timeout):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(Path(out).read_text())
+
+
+@pytest.mark.slow
+def test_accelerator_tiny(tmp_path):
+    d = _run("accelerator.py", tmp_path / "accelerator.json", timeout=400)
+    for key in ("machine", "settings", "sweep", "step_count_check", "rollout_kernel", "per_step", "fidelity",
+                "skipped", "step_count_check_passed", "total_wall_s"):
+        assert key in d, key
+    assert d["machine"]["device_kind"] and d["machine"]["devices"]
+    assert d["skipped"] == []
+    for dtype in d["settings"]["dtypes"]:
+        s, c = d["sweep"][dtype], d["step_count_check"][dtype]
+        assert s["num_configurations"] == d["settings"]["lrs"] * d["settings"]["seeds"]
+        assert s["vmapped"]["second_call_s"] > 0 and s["loop"]["per_configuration_s"] > 0
+        # diffrax's step counts under vmap equal the batch-1 runs' on CPU
+        assert c["configurations"] >= 2 and c["passed"] and c["max_abs_diff"] == 0, c
+        r = d["rollout_kernel"][dtype]
+        for k in ("vmap", "lax_map", "engine_rollout_batch"):
+            assert r[k]["run_s"] > 0 and r[k]["max_abs_loss_diff_vs_vmap"] < 1e-4, (k, r[k])
+        f = d["fidelity"][dtype]
+        assert f["rows"] and not f["skipped_for_budget"] and all(r["dtype"] == dtype for r in f["rows"])
+    assert d["step_count_check_passed"] is True
+    rows = d["per_step"]["rows"]
+    assert rows and all({"discrete", "rod", "probe"} <= set(r["models"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_scaling_tiny(tmp_path):
+    d = _run("scaling.py", tmp_path / "scaling.json", timeout=400)
+    for key in ("machine", "memory_method", "settings", "rows", "count_checks", "slopes", "ten_minute_compare",
+                "total_wall_s"):
+        assert key in d, key
+    assert d["rows"]
+    for r in d["rows"]:
+        assert set(r["models"]) == {"discrete", "stable", "rod", "inertial", "probe"}
+        for m, v in r["models"].items():
+            assert v["first_call_s"] > 0 and v["run_s"] > 0 and "peak_mb" in v
+        for f in ("stable", "rod", "inertial"):
+            assert r["models"][f]["gradients_per_step"] > 1 and r["models"][f]["solver_steps"] > 0
+        assert r["models"]["probe"]["hvps_per_warm_probe"] >= 1
+    # the gradients-per-step formula matches gradient calls counted at run time
+    assert d["count_checks"] and all(c["ok"] for c in d["count_checks"]), d["count_checks"]
+    assert set(d["slopes"]["float32"]["mlp"]) == {"discrete", "stable", "rod", "inertial", "probe"}  # None at one size
+    assert d["ten_minute_compare"]["float32"]["compiled"]["largest_params"] > 0
