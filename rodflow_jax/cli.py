@@ -383,9 +383,10 @@ def _cmd_merge(args) -> int:
     return 0
 
 
-def _cmd_hypergrad(args) -> int:
-    from .experiments._hypergrad import hypergradient_report
-    from .experiments._output import check_output_file, write_json_atomic
+def _one_run(args):
+    """``(optimizer, output file or None, steps, loss_fn, params0, wrt)`` for hypergrad and tune,
+    the output path checked before any compute."""
+    from .experiments._output import check_output_file
     from .experiments._spec import resolve_optimizer, resolve_problem, resolve_steps
 
     spec = resolve_problem(args.problem, args.optimizer)
@@ -394,6 +395,14 @@ def _cmd_hypergrad(args) -> int:
     steps = resolve_steps(args.steps, spec.default_steps)
     loss_fn, params0 = spec.make(args.seed)
     wrt = [w.strip() for w in args.wrt.split(",") if w.strip()]
+    return optimizer, out, steps, loss_fn, params0, wrt
+
+
+def _cmd_hypergrad(args) -> int:
+    from .experiments._hypergrad import hypergradient_report
+    from .experiments._output import write_json_atomic
+
+    optimizer, out, steps, loss_fn, params0, wrt = _one_run(args)
     report = hypergradient_report(loss_fn, params0, optimizer, steps, objective=args.objective, model=args.model,
                                   wrt=wrt, start_step=args.start_step, estimator=args.estimator, pairs=args.pairs,
                                   width=args.width, seed=args.estimator_seed)
@@ -416,16 +425,10 @@ def _cmd_hypergrad(args) -> int:
 
 def _cmd_tune(args) -> int:
     from .experiments import tune
-    from .experiments._output import check_output_file, write_json_atomic
-    from .experiments._spec import resolve_optimizer, resolve_problem, resolve_steps
+    from .experiments._output import write_json_atomic
     from .optimizers import describe
 
-    spec = resolve_problem(args.problem, args.optimizer)
-    optimizer = resolve_optimizer(args.optimizer, spec, _given(args), _opt_args(args))
-    out = check_output_file(args.out, overwrite=args.overwrite) if args.out else None
-    steps = resolve_steps(args.steps, spec.default_steps)
-    loss_fn, params0 = spec.make(args.seed)
-    wrt = [w.strip() for w in args.wrt.split(",") if w.strip()]
+    optimizer, out, steps, loss_fn, params0, wrt = _one_run(args)
     res = tune(loss_fn, params0, optimizer, steps, objective=args.objective, wrt=wrt, iterations=args.iterations,
                step=args.step, model=args.model, estimator=args.estimator, pairs=args.pairs, width=args.width,
                start_step=args.start_step, progress=_progress(args))
