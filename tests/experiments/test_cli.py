@@ -61,7 +61,7 @@ def test_compare_inertial_models(tmp_path, user_file, capsys):
         (["--problem", "does/not/exist.py:make", "--learning-rate", "0.1"], "does not exist"),
         (["--steps", "ten"], "invalid int value"),
         (["--models", "discrete,rodd"], "unknown model"),
-        (["--optimizer", "adam", "--models", "discrete,inertial"], "defined for the momentum methods"),
+        (["--optimizer", "rmsprop", "--models", "discrete,inertial"], "defined for the momentum methods"),
         (["--top-k", "0"], "top-k must be at least 1"),
         (["--start-step", "soon"], "start step must be an integer"),
         (["--sharpness-method", "power"], "invalid choice"),
