@@ -279,7 +279,8 @@ def _cmd_compare(args) -> int:
 
     spec = resolve_problem(args.problem, args.optimizer)
     optimizer = resolve_optimizer(args.optimizer, spec, _given(args), _opt_args(args))
-    out = check_output(args.out or default_out("compare", spec, args.optimizer.replace(":", "-")),
+    default = default_out("compare", spec, args.optimizer.replace(":", "-"))
+    out = check_output(args.out if args.out is not None else default,
                        overwrite=args.overwrite)
     steps = resolve_steps(args.steps, spec.default_steps)
     loss_fn, params0 = spec.make(args.seed)
@@ -348,7 +349,7 @@ def _cmd_sweep(args) -> int:
     shard = parse_shard(args.shard) if args.shard is not None else None
     primary = args.coordinator is None or is_primary()  # under jax.distributed only process 0 writes
     out = _on_primary(primary, args.coordinator is not None,
-                      lambda: check_output(args.out or default_out("sweep", spec, args.optimizer),
+                      lambda: check_output(args.out if args.out is not None else default_out("sweep", spec, args.optimizer),
                                            overwrite=args.overwrite))
     if out is _REFUSED:
         return 2
@@ -391,7 +392,7 @@ def _one_run(args):
 
     spec = resolve_problem(args.problem, args.optimizer)
     optimizer = resolve_optimizer(args.optimizer, spec, _given(args), _opt_args(args))
-    out = check_output_file(args.out, overwrite=args.overwrite) if args.out else None
+    out = check_output_file(args.out, overwrite=args.overwrite) if args.out is not None else None
     steps = resolve_steps(args.steps, spec.default_steps)
     loss_fn, params0 = spec.make(args.seed)
     wrt = [w.strip() for w in args.wrt.split(",") if w.strip()]

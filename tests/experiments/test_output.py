@@ -203,6 +203,7 @@ numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st
        out=st.sampled_from(["new", "file", "full", "afile/sub", ""]))
 @example(lr=0.06, steps="12", start="auto", out="new")
 @example(lr=50.0, steps="12", start="0", out="new")  # diverges: still exit 0 and complete
+@example(lr=0.06, steps="12", start="auto", out="")  # an empty --out is an error, not the default folder
 def test_property_exit_0_complete_or_exit_2_nothing(tmp_path_factory, prob, lr, steps, start, out):
     base = tmp_path_factory.mktemp("p")
     (base / "file").write_text("f")
