@@ -275,7 +275,9 @@ def test_integrated_flows_match_builtin_adam():
         assert not a.failed and not b.failed
         ca, cb = flat(a.centre), flat(b.centre)
         assert np.max(np.abs(ca - cb)) / np.max(np.abs(ca)) < 1e-8, kind
-        np.testing.assert_allclose(b.loss, a.loss, rtol=1e-9)
+        # the stable flows take the implicit Kvaerno5, whose third-order dense output between long
+        # steps turns the controller's slightly different steps into ~1e-9 at the saved steps
+        np.testing.assert_allclose(b.loss, a.loss, rtol=1e-9 if kind == "rod" else 1e-8)
 
 
 # --- by name, for the command line ------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from .._discrete import init_carry, rollout_chunk
-from .._integrate import SolverConfig, default_solver, solve
+from .._integrate import SolverConfig, default_solver, is_implicit, solve, solver_name, stiff_solver
 from .._sharpness import probe_trajectory
 from ..flows import flow_kind
 from ._progress import bar
@@ -114,6 +115,7 @@ class FlowArrays(NamedTuple):
     result: np.ndarray  # (B,)
     num_steps: np.ndarray  # (B,)
     num_rejected_steps: np.ndarray  # (B,)
+    solver: np.ndarray | None = None  # (B,) the solver that produced each row (a name), when known
 
 
 @eqx.filter_jit
@@ -139,10 +141,50 @@ def solve_batch(kind: str, optimizer, loss_fn, states, ts, param_ts, stop_at, *,
     sol = _solve_b(kind, optimizer, loss_fn, states, jnp.asarray(ts_p, dtype), jnp.asarray(pts_p, dtype),
                    stop, dict(options or {}), config, progress)
     sol = to_host(tuple(sol))
+    if config is None:
+        sol, names = _retry_budget_hits(kind, optimizer, loss_fn, states, stop, ts_p, pts_p, dict(options or {}),
+                                        sol, dtype, progress)
+    else:
+        names = np.full(len(sol[5]), solver_name(config), dtype=object)
     loss, half, centre, slow, var = sol[:5]
     trim = lambda x, k: x[:, :k]  # noqa: E731
     return FlowArrays(trim(loss, n), trim(half, n), jax.tree.map(lambda x: trim(x, m), centre),
-                      jax.tree.map(lambda x: trim(x, m), slow), trim(var, m), *sol[5:])
+                      jax.tree.map(lambda x: trim(x, m), slow), trim(var, m), *sol[5:], names)
+
+
+_BUDGET_HIT = int(diffrax.RESULTS.max_steps_reached._value)
+
+
+def _retry_budget_hits(kind, optimizer, loss_fn, states, stop, ts, param_ts, options, sol, dtype, progress):
+    """The configurations whose default *explicit* solve ran out of its step budget, solved again
+    with the matrix-free implicit solver (:func:`~rodflow_jax._integrate.stiff_solver`), their rows
+    replaced: the rest keep the explicit solution. Returns the rows and each row's solver name.
+
+    The retry is host-side, on the failed rows only (gathered to one device when the batch is
+    sharded, as the probes are); it compiles one more solve per batch size that needs it."""
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype) if eqx.is_array(x) else x,
+                          (optimizer, states))
+    flow = eqx.filter_eval_shape(lambda o, st: flow_kind(kind).start(o, loss_fn, *st, **options)[0], *shapes)
+    first = default_solver(flow, dtype)
+    names = np.full(len(sol[5]), solver_name(first), dtype=object)
+    hit = np.asarray(sol[5]) == _BUDGET_HIT
+    if is_implicit(first) or not hit.any():
+        return sol, names
+    idx = np.nonzero(hit)[0]
+    take = lambda tree: jax.tree.map(lambda x: jnp.asarray(to_host(x)[idx]) if eqx.is_array(x) else x, tree)  # noqa: E731
+    cfg = stiff_solver(dtype)
+    redo = _solve_b(kind, take(optimizer), loss_fn, take(states), jnp.asarray(ts, dtype), jnp.asarray(param_ts, dtype),
+                    take(stop), options, cfg, progress)
+    redo = to_host(tuple(redo))
+
+    def put(full, part):
+        full = np.array(full, copy=True)
+        full[idx] = part
+        return full
+
+    sol = tuple(jax.tree.map(put, a, b) for a, b in zip(sol, redo))
+    names[idx] = f"{solver_name(cfg)} (retried: {solver_name(first)} ran out of its step budget)"
+    return sol, names
 
 
 def _bucket(n: int) -> int:

@@ -77,7 +77,7 @@ def _flow_losses(kind, optimizer, loss_fn, params0, num_steps, start_step, confi
     flow, y0 = flow_kind(kind).start(optimizer, loss_fn, *states_at(optimizer, loss_fn, params0, start_step),
                                      **dict(options))
     dtype = jax.tree.leaves(y0)[0].dtype
-    config = config or default_solver(flow, dtype)
+    config = config or default_solver(flow, dtype, differentiable=True)  # explicit: see default_solver
     ts = jnp.arange(start_step, num_steps + 1).astype(dtype)
     sol = solve(flow, y0, ts, ts[-1:], config)
     return sol.loss, jax.tree.map(lambda x: x[-1], sol.centre), jax.tree.map(lambda x: x[-1], sol.slow)

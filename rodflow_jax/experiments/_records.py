@@ -91,6 +91,7 @@ class FlowRecord(ModelRecord):
     message: str
     solver_steps: int
     rejected_steps: int
+    solver: str | None  # the solver that produced the flow (a retry after a budget hit says so)
     catapult_count_difference: int | None
     catapult_mean_timing_error: float | None
     first_catapult_timing_error: int | None
@@ -187,6 +188,7 @@ def flow_record(ev, name: str, i: int) -> FlowRecord:
         message=message if (failed or stopped) else "",
         solver_steps=int(f.arrays.num_steps[i]),
         rejected_steps=int(f.arrays.num_rejected_steps[i]),
+        solver=None if f.arrays.solver is None else str(f.arrays.solver[i]),
     )
 
 
