@@ -150,6 +150,8 @@ def summarise(problem, name, hp, cmp, start_kind, wall, osc):
         "discrete_sharpness_ratio": _window_mean(ratio_d, at_edge),
         "discrete_diverged_at": m["discrete"]["diverged_at"],
         "discrete_amplitude": _window_mean(t.get("discrete_half_norm", nan), late),
+        "eos_crossing_step": m["discrete"].get("eos_crossing_step"),
+        "discrete_catapult_steps": m["discrete"].get("catapult_steps"),
         "wall_s": round(wall, 1),
     }
     span = (steps >= K) & (steps < N)
@@ -170,6 +172,10 @@ def summarise(problem, name, hp, cmp, start_kind, wall, osc):
         row[f"{flow}_failed_at"] = e.get("failed_at") if e.get("failed") else None
         row[f"{flow}_message"] = e.get("message") or None
         row[f"{flow}_solver_steps"] = e.get("solver_steps")
+        row[f"{flow}_solver"] = e.get("solver")
+        for key in ("catapult_steps", "catapult_count_difference", "catapult_mean_timing_error",
+                    "first_catapult_timing_error"):
+            row[f"{flow}_{key}"] = e.get(key)
         row[f"{flow}_wall_s"] = cmp.timings.get(flow)
     row["discrete_mean_loss"] = ref_mean
     row["rod_amplitude"] = _window_mean(t.get("rod_half_norm", nan), late)
