@@ -156,7 +156,7 @@ def summarise(problem, name, hp, cmp, start_kind, wall, osc):
     }
     span = (steps >= K) & (steps < N)
     ref_mean = _window_mean(ref, span & np.isfinite(ref))
-    for flow in ("stable", "rod", "central", "inertial", "inertial_stable"):
+    for flow in rf.FLOWS:
         if flow not in m:
             continue
         e = m[flow]
@@ -173,6 +173,7 @@ def summarise(problem, name, hp, cmp, start_kind, wall, osc):
         row[f"{flow}_message"] = e.get("message") or None
         row[f"{flow}_solver_steps"] = e.get("solver_steps")
         row[f"{flow}_solver"] = e.get("solver")
+        row[f"{flow}_construction"] = e.get("construction")
         for key in ("catapult_steps", "catapult_count_difference", "catapult_mean_timing_error",
                     "first_catapult_timing_error"):
             row[f"{flow}_{key}"] = e.get(key)
@@ -183,8 +184,8 @@ def summarise(problem, name, hp, cmp, start_kind, wall, osc):
     for k, v in osc.items():
         row[k] = v
     row["alternating_amplitude_ratio"] = _ratio(row["rod_amplitude"], osc["discrete_alternating_amplitude"])
-    row["error_ratio_final"] = _ratio(row["stable_error_final"], row["rod_error_final"])
-    row["error_ratio_max"] = _ratio(row["stable_error_max"], row["rod_error_max"])
+    row["error_ratio_final"] = _ratio(row.get("stable_error_final"), row.get("rod_error_final"))
+    row["error_ratio_max"] = _ratio(row.get("stable_error_max"), row.get("rod_error_max"))
     if "inertial" in m:
         row["inertial_amplitude"] = _window_mean(t.get("inertial_half_norm", nan), late)
         row["inertial_alternating_amplitude_ratio"] = _ratio(row["inertial_amplitude"], osc["discrete_alternating_amplitude"])
@@ -304,6 +305,107 @@ def summary_counts(rows) -> str:
         "(at the midpoints where probed there); "
         f"mean loss within 5 %: rod {loss_ok('rod')}/{len(rs)}, stable {loss_ok('stable')}/{len(rs)}"
     )
+
+
+def construction_of(row, flow: str) -> str:
+    """The rod construction a row's ``flow`` ran: ``rod`` rows before the constructions existed
+    (no ``rod_construction`` key) are the first-order rod."""
+    return (row.get(f"{flow}_construction") or "rod1") if flow == "rod" else flow
+
+
+CONSTRUCTIONS = ("rod1", "rod2", "inertial", "inertial2")
+
+
+def by_construction(rows) -> dict:
+    """``{(problem, optimizer, hyperparameters, start): {construction: metrics}}`` over every
+    file's rows (a later row of the same cell and construction wins)."""
+    cells: dict = {}
+    keys = ("error_final", "error_max", "catapult_steps", "catapult_count_difference",
+            "first_catapult_timing_error", "catapult_mean_timing_error", "solver_steps", "wall_s", "failed_at",
+            "message")
+    for r in rows:
+        cell = cells.setdefault(_cell_key(r) + (r["start"],), {"row": r})
+        for flow in ("rod", *CONSTRUCTIONS):
+            if r.get(f"{flow}_error_final", "absent") == "absent":
+                continue
+            c = construction_of(r, flow)
+            cell[c] = {k: r.get(f"{flow}_{k}") for k in keys}
+    return cells
+
+
+def _on_time(disc, model) -> bool:
+    """The first catapult within max(3 % of its step, 15 steps) (``rodflow_jax._catapults``)."""
+    from rodflow_jax._catapults import FIRST_RELATIVE
+
+    return bool(disc and model) and abs(model[0] - disc[0]) <= max(FIRST_RELATIVE * disc[0], 15)
+
+
+def construction_scores(rows, constructions=CONSTRUCTIONS) -> dict:
+    """Per optimizer and construction, over the at-edge cells (>= half the probes at the edge,
+    no divergence): geometric-mean final and max error, first catapults on time / cells whose discrete run
+    catapults after the start, catapult counts equal, and the number of cells. Cells where the
+    discrete run diverged or a construction failed count that construction's error as 1."""
+    out: dict = {}
+    for (problem, name, hp, start), cell in by_construction(rows).items():
+        r = cell["row"]
+        if r.get("discrete_diverged_at") is not None or (r.get("eos_fraction") or 0) < 0.5:
+            continue  # the at-edge cells only
+        K = r["start_step"]
+        disc = [k for k in (r.get("discrete_catapult_steps") or []) if k >= K]
+        for c in constructions:
+            if c not in cell:
+                continue
+            e = cell[c]
+            s = out.setdefault(name, {}).setdefault(c, {"cells": 0, "log_final": 0.0, "log_max": 0.0,
+                                                        "catapult_cells": 0, "first_on_time": 0, "count_equal": 0})
+            s["cells"] += 1
+            s["log_final"] += math.log(min(max(e["error_final"] or 1.0, 1e-12), 10.0))
+            s["log_max"] += math.log(min(max(e["error_max"] or 1.0, 1e-12), 10.0))
+            if disc:
+                s["catapult_cells"] += 1
+                model = [k for k in (e["catapult_steps"] or []) if k >= K]
+                s["first_on_time"] += _on_time(disc, model)
+                s["count_equal"] += len(model) == len(disc)
+    for name, per in out.items():
+        for c, s in per.items():
+            n = max(s["cells"], 1)
+            s["final_gmean"] = math.exp(s.pop("log_final") / n)
+            s["max_gmean"] = math.exp(s.pop("log_max") / n)
+    return out
+
+
+def constructions_table(rows) -> str:
+    """One line per cell: final / max error and catapults (first, count) of each construction."""
+    head = ["problem", "optimizer", "K", "discrete catapults", *[f"{c}: final / max err, catapults (dt first)" for c in CONSTRUCTIONS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (problem, name, hp, start), cell in by_construction(rows).items():
+        r = cell["row"]
+        K = r["start_step"]
+        disc = [k for k in (r.get("discrete_catapult_steps") or []) if k >= K]
+        cols = []
+        for c in CONSTRUCTIONS:
+            e = cell.get(c)
+            if e is None:
+                cols.append("-")
+                continue
+            model = [k for k in (e["catapult_steps"] or []) if k >= K]
+            dt = f", {model[0] - disc[0]:+d}" if disc and model else ""
+            fail = " (failed)" if e.get("failed_at") is not None else ""
+            cols.append(f"{_fmt(e['error_final'], '.3g')} / {_fmt(e['error_max'], '.3g')}, {len(model)}{dt}{fail}")
+        lines.append("| " + " | ".join([problem, _label(name, json.loads(hp)), str(K), str(len(disc)) + (f" (first {disc[0]})" if disc else ""), *cols]) + " |")
+    return "\n".join(lines)
+
+
+def scores_table(rows) -> str:
+    """Per optimizer: each construction's geometric-mean errors and catapult timing."""
+    head = ["optimizer", "construction", "cells", "final err (gmean)", "max err (gmean)", "first catapult on time", "same count"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, per in construction_scores(rows).items():
+        for c, s in per.items():
+            cc = s["catapult_cells"]
+            lines.append("| " + " | ".join([name, c, str(s["cells"]), _fmt(s["final_gmean"], ".3g"), _fmt(s["max_gmean"], ".3g"),
+                                             f"{s['first_on_time']}/{cc}", f"{s['count_equal']}/{cc}"]) + " |")
+    return "\n".join(lines)
 
 
 def inertial_table(rows) -> str:
@@ -447,6 +549,8 @@ def main(argv=None):
             print("\n" + central_table(rows))
         if any("inertial_error_final" in r for r in rows):
             print("\n" + inertial_table(rows))
+        print("\n" + constructions_table(rows))
+        print("\n" + scores_table(rows))
         return rows
     problems = QUICK["problems"] if args.quick else PROBLEMS
     optimizers = QUICK["optimizers"] if args.quick else OPTIMIZERS

@@ -68,7 +68,7 @@ def main(argv=None):
     z0, s0 = run.state_at(K)
     z1, s1 = run.state_at(K + 1)
     print(f"{args.problem} {args.optimizer} {hp} K={K}")
-    kinds = ("rod", "stable") + (("inertial", "inertial_stable") if opt.momentum_decay() is not None else ())
+    kinds = ("rod1", "stable") + (("inertial", "inertial_stable") if opt.momentum_decay() is not None else ())
     for kind in kinds:
         flow, y0 = rf.make_flow(kind, opt, loss_fn, z0, s0, z1, s1)
         fr = rf.integrate(flow, y0, K, args.steps - 1)

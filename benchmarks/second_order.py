@@ -32,6 +32,9 @@ It also tabulates the per-step growth factor of a linear r-mode (GD on a quadrat
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
+import json
 import math
 import platform
 import time
@@ -48,12 +51,18 @@ import numpy as np  # noqa: E402
 
 import rodflow_jax as rf  # noqa: E402
 from rodflow_jax._catapults import detect_catapults, match_catapults  # noqa: E402
-from rodflow_jax._integrate import default_solver  # noqa: E402
+from rodflow_jax._integrate import default_solver, half_atol  # noqa: E402
 from rodflow_jax.experiments import write_json  # noqa: E402
 from rodflow_jax.flows._second_order import second_order, second_order_solver  # noqa: E402
 
 TOLERANCES = {"default": (1e-7, 1e-9), "tight": (1e-9, 1e-11)}
 CASES = {
+    "nesterov_0.9": {
+        "optimizer": "nesterov",
+        "hp": {"learning_rate": 0.4, "momentum": 0.9},
+        "flows": ("rod", "inertial"),
+        "seed_window": (10, 30),
+    },
     "gd": {"optimizer": "gd", "hp": {"learning_rate": 0.2}, "flows": ("rod", "rod2"), "seed_window": (50, 150)},
     "heavy_ball_0.9": {
         "optimizer": "heavy_ball",
@@ -87,10 +96,15 @@ def _sharpness(loss_fn, rows: np.ndarray, unravel) -> np.ndarray:
 
 
 def _config(inner, order2: bool, tol: str):
-    """The default solver (second order: twice the step budget) at tolerance ``tol``."""
-    rtol, atol = TOLERANCES[tol]
+    """The default solver (second order: twice the step budget, and ``r`` held to
+    ``half_atol``) at tolerance ``tol``; ``"same_r"``: the second-order default with ``r`` held
+    to the centre's ``atol`` (the ablation of ``half_atol``)."""
     base = second_order_solver(inner, jnp.float64) if order2 else default_solver(inner, jnp.float64)
-    return rf.SolverConfig(base.solver, rtol, atol, base.max_steps_per_step)
+    if tol == "same_r":
+        return dataclasses.replace(base, half_atol=None)
+    rtol, atol = TOLERANCES[tol]
+    return dataclasses.replace(base, rtol=rtol, atol=atol,
+                               half_atol=half_atol(jnp.float64, atol) if base.half_atol is not None else None)
 
 
 def _eval_time(flow, y, repeat=20) -> float:
@@ -111,9 +125,42 @@ def _linear_factors(epsilons=(0.05, 0.1, 0.2, 0.3, 0.5, 1.0)):
     return rows
 
 
-def run_case(name: str, spec: dict, N: int, probe_every: int, tolerances, seed: int = 0) -> dict:
-    problem = rf.get_problem("mlp-digits")
-    loss_fn, params0 = problem.make(seed)
+def tanh_regression(seed: int = 0):
+    """A problem none of the built-ins resembles: a tanh MLP 10-24-24-1 (889 parameters) on a
+    generated regression task (256 points, ``y = sin(x.w/2) + 0.3 cos(x_0 x_1)``)."""
+    kx, kw, kp = jax.random.split(jax.random.PRNGKey(100 + seed), 3)
+    X = jax.random.normal(kx, (256, 10), jnp.float64)
+    y = jnp.sin(X @ jax.random.normal(kw, (10,), jnp.float64) / 2) + 0.3 * jnp.cos(X[:, 0] * X[:, 1])
+    sizes = [10, 24, 24, 1]
+    keys = jax.random.split(kp, len(sizes) - 1)
+    params = [(jax.random.normal(k, (a, b), jnp.float64) / jnp.sqrt(a), jnp.zeros(b, jnp.float64))
+              for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+
+    def loss(params):
+        h = X
+        for i, (W, b) in enumerate(params):
+            h = h @ W + b
+            h = jnp.tanh(h) if i < len(params) - 1 else h
+        return 0.5 * jnp.mean((h[:, 0] - y) ** 2)
+
+    return loss, params
+
+
+def make_problem(name: str, seed: int = 0):
+    """``(loss_fn, params0)`` of a built-in problem, ``tanh-regression``, or ``file.py[:make]``."""
+    if name == "tanh-regression":
+        return tanh_regression(seed)
+    if name.split(":")[0].endswith(".py"):
+        path, _, fn = name.partition(":")
+        spec = importlib.util.spec_from_file_location("user_problem", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return getattr(mod, fn or "make")(seed)
+    return rf.get_problem(name).make(seed)
+
+
+def run_case(name: str, spec: dict, N: int, probe_every: int, tolerances, seed: int = 0, problem: str = "mlp-digits") -> dict:
+    loss_fn, params0 = make_problem(problem, seed)
     unravel = jax.flatten_util.ravel_pytree(params0)[1]
     opt = rf.make_optimizer(spec["optimizer"], **spec["hp"])
     t = time.perf_counter()
@@ -138,11 +185,13 @@ def run_case(name: str, spec: dict, N: int, probe_every: int, tolerances, seed: 
     }
     for kind in spec["flows"]:
         order2 = kind.endswith("2")
-        base_kind = kind.rstrip("2")
+        base_kind = {"rod": "rod1"}.get(kind.rstrip("2"), kind.rstrip("2"))  # the first-order construction
         inner, y0 = rf.make_flow(base_kind, opt, loss_fn, z0, s0, z1, s1)
         flow = second_order(inner) if order2 else inner
         horizon = INERTIAL2_HORIZON if kind == "inertial2" else N
-        for tol in (("default",) if kind in spec.get("default_only", ()) else tolerances):
+        tols = ("default",) if kind in spec.get("default_only", ()) else tolerances
+        tols = tuple(t for t in tols if t != "same_r" or kind == "rod2")
+        for tol in tols:
             cfg = _config(inner, order2, tol)
             t = time.perf_counter()
             rf.integrate(flow, y0, 0, 2, config=cfg, param_steps=[0])
@@ -162,7 +211,7 @@ def run_case(name: str, spec: dict, N: int, probe_every: int, tolerances, seed: 
             hn = fr.half_norm
             seed_r = float(np.median(hn[lo:hi])) if hn is not None and horizon > hi else None
             row = {
-                "flow": kind, "tolerance": tol, "rtol": cfg.rtol, "atol": cfg.atol, "simulated_steps": horizon - 1,
+                "flow": kind, "tolerance": tol, "rtol": cfg.rtol, "atol": cfg.atol, "half_atol": cfg.half_atol, "simulated_steps": horizon - 1,
                 "catapults": cat.tolist(), "match": match.to_json(),
                 "final_error": float(err[-1]),
                 "max_error": float(np.nanmax(err[1:])) if np.isfinite(err[1:]).any() else None,
@@ -223,14 +272,21 @@ def main():
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--probe-every", type=int, default=5)
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--problem", default="mlp-digits", help="built-in name, tanh-regression, or file.py[:make]")
+    ap.add_argument("--hp", action="append", default=[], metavar="CASE=JSON",
+                    help='override a case\'s hyperparameters, e.g. gd=\'{"learning_rate": 0.64}\'')
     ap.add_argument("--tolerances", default="default,tight")
     ap.add_argument("--out", default="benchmarks/results/second_order.json")
     args = ap.parse_args()
     t0 = time.perf_counter()
     print(HEADER)
     results = []
+    overrides = dict(h.split("=", 1) for h in args.hp)
     for name in args.cases.split(","):
-        res = run_case(name, CASES[name], args.steps, args.probe_every, tuple(args.tolerances.split(",")))
+        spec = dict(CASES[name])
+        if name in overrides:
+            spec["hp"] = json.loads(overrides[name])
+        res = run_case(name, spec, args.steps, args.probe_every, tuple(args.tolerances.split(",")), problem=args.problem)
         d = res["discrete"]
         print(f"{name:15s} discrete catapults {d['catapults']}, sharpness max {d['sharpness_max']:.1f}, "
               f"threshold {d['threshold']:.1f}")
@@ -247,7 +303,7 @@ def main():
         "description": __doc__.split("\n\n")[0],
         "platform": {"machine": platform.machine(), "processor": platform.processor(), "jax": jax.__version__,
                      "backend": jax.default_backend(), "cpus": jax.local_device_count()},
-        "problem": "mlp-digits",
+        "problem": args.problem,
         "probe_every": args.probe_every,
         "tolerances": {k: list(v) for k, v in TOLERANCES.items()},
         "linear_r_mode_factors": factors,

@@ -12,8 +12,11 @@ COLORS = {
     "discrete": "0.35",
     "stable": "tab:blue",
     "rod": "tab:red",
+    "rod1": "tab:orange",
+    "rod2": "tab:brown",
     "central": "tab:green",
     "inertial": "tab:purple",
+    "inertial2": "tab:pink",
     "inertial_stable": "tab:cyan",
 }
 FLOW_NAMES = FLOW_KINDS

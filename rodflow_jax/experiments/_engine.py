@@ -19,7 +19,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from .._discrete import init_carry, rollout_chunk
-from .._integrate import SolverConfig, default_solver, is_implicit, solve, solver_name, stiff_solver
+from .._integrate import SolverConfig, default_solver, default_tolerances, is_implicit, solve, solver_name, stiff_solver
 from .._sharpness import probe_trajectory
 from ..flows import flow_kind
 from ._progress import bar
@@ -116,6 +116,8 @@ class FlowArrays(NamedTuple):
     num_steps: np.ndarray  # (B,)
     num_rejected_steps: np.ndarray  # (B,)
     solver: np.ndarray | None = None  # (B,) the solver that produced each row (a name), when known
+    construction: str | None = None  # the flow that ran (``"rod2"``, ...): what ``"rod"`` resolved to
+    note: np.ndarray | None = None  # (B,) why a row was held fixed from some step ("" for none)
 
 
 @eqx.filter_jit
@@ -146,10 +148,82 @@ def solve_batch(kind: str, optimizer, loss_fn, states, ts, param_ts, stop_at, *,
                                         sol, dtype, progress)
     else:
         names = np.full(len(sol[5]), solver_name(config), dtype=object)
+    sol, notes = hold_converged(sol, ts_p, pts_p, dtype)
     loss, half, centre, slow, var = sol[:5]
     trim = lambda x, k: x[:, :k]  # noqa: E731
+    construction = _flow_shape(kind, optimizer, loss_fn, states, dict(options or {})).construction
     return FlowArrays(trim(loss, n), trim(half, n), jax.tree.map(lambda x: trim(x, m), centre),
-                      jax.tree.map(lambda x: trim(x, m), slow), trim(var, m), *sol[5:], names)
+                      jax.tree.map(lambda x: trim(x, m), slow), trim(var, m), *sol[5:], names, construction, notes)
+
+
+_STALLED = {int(diffrax.RESULTS.max_steps_reached._value), int(diffrax.RESULTS.dt_min_reached._value)}
+HOLD_WINDOW = 50  # steps
+
+
+def hold_converged(sol, ts, param_ts, dtype):
+    """Rows whose solve stalled (budget or step-size floor) *after their centre had converged*
+    are held fixed from the last solved step, and say so; the rest are returned unchanged.
+
+    Converged: over the last ``HOLD_WINDOW`` solved steps (at least 20, two saved centres) the
+    centre moved less than ``10 rtol`` (the default relative tolerance: 1e-6 in float64) of its
+    norm, i.e. it was stationary to within what the solver resolves. Measured
+    where this happens (README, "Stiff stable flows"): the stable flow of an Adam-type optimizer
+    sits at a minimum (|grad| ~1e-10) while ``sqrt(nu)`` decays to ``eps``, and the
+    preconditioned field ``m / (sqrt(nu) + eps)`` turns sign-like: it chatters, every implicit
+    step is rejected and the budget runs out. The flow's solution there (Filippov's, at a strict
+    minimum) keeps the centre where it is, so the centre, its loss and the slow state are held;
+    the record is not ``failed`` and its ``message`` says from which step it was held.
+    """
+    loss, result = np.asarray(sol[0]), np.asarray(sol[5])
+    notes = np.full(len(result), "", dtype=object)
+    ts, param_ts = np.asarray(ts), np.asarray(param_ts)
+    tol = 10 * default_tolerances(dtype)[0]
+    rows = _rows(sol[2])  # (B, m, d) centres at param_ts
+    held = []
+    for b in np.nonzero(np.isin(result, list(_STALLED)))[0]:
+        fin = np.isfinite(loss[b])
+        if not fin.any() or fin.all():
+            continue
+        j = int(np.argmin(fin)) - 1  # the last solved step's index in ts
+        if j < 0:
+            continue
+        t_end = ts[j]
+        ok = (param_ts <= t_end) & np.isfinite(rows[b]).all(axis=1)
+        window = ok & (param_ts >= t_end - HOLD_WINDOW)
+        if window.sum() < 2 or np.ptp(param_ts[window]) < 20:
+            continue
+        last = rows[b][np.nonzero(ok)[0][-1]]
+        size = np.linalg.norm(last)
+        moved = np.max(np.linalg.norm(rows[b][window] - last, axis=1))
+        if size > 0 and moved < tol * size:
+            held.append((b, j, np.nonzero(ok)[0][-1]))
+            notes[b] = (f"held fixed from step {int(t_end)}: the solver stalled there after the flow had converged "
+                        f"(its centre moved {moved / size:.0e} of its norm over the last {HOLD_WINDOW} steps)")
+    if not held:
+        return sol, notes
+    sol = [jax.tree.map(lambda x: np.array(x, copy=True), part) for part in sol]
+    for b, j, q in held:
+        sol[0][b, j + 1:] = sol[0][b, j]
+        sol[1][b, j + 1:] = sol[1][b, j]
+        for part in (2, 3):
+            for leaf in jax.tree.leaves(sol[part]):
+                leaf[b, q + 1:] = leaf[b, q]
+        sol[4][b, q + 1:] = sol[4][b, q]
+        sol[5][b] = int(diffrax.RESULTS.successful._value)
+    return tuple(sol), notes
+
+
+def _rows(tree) -> np.ndarray:
+    """A pytree with leading axes (B, m) -> (B, m, n), leaves in ``ravel_pytree`` order."""
+    leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
+    return np.concatenate([x.reshape(x.shape[0], x.shape[1], -1) for x in leaves], axis=2)
+
+
+def _flow_shape(kind, optimizer, loss_fn, states, options):
+    """The flow one configuration of the batch starts (shapes only: nothing is computed)."""
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype) if eqx.is_array(x) else x,
+                          (optimizer, states))
+    return eqx.filter_eval_shape(lambda o, st: flow_kind(kind).start(o, loss_fn, *st, **options)[0], *shapes)
 
 
 _BUDGET_HIT = int(diffrax.RESULTS.max_steps_reached._value)
@@ -162,10 +236,7 @@ def _retry_budget_hits(kind, optimizer, loss_fn, states, stop, ts, param_ts, opt
 
     The retry is host-side, on the failed rows only (gathered to one device when the batch is
     sharded, as the probes are); it compiles one more solve per batch size that needs it."""
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype) if eqx.is_array(x) else x,
-                          (optimizer, states))
-    flow = eqx.filter_eval_shape(lambda o, st: flow_kind(kind).start(o, loss_fn, *st, **options)[0], *shapes)
-    first = default_solver(flow, dtype)
+    first = default_solver(_flow_shape(kind, optimizer, loss_fn, states, options), dtype)
     names = np.full(len(sol[5]), solver_name(first), dtype=object)
     hit = np.asarray(sol[5]) == _BUDGET_HIT
     if is_implicit(first) or not hit.any():

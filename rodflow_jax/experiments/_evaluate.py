@@ -23,14 +23,8 @@ from .. import _metrics as M
 from .._integrate import result_message
 from .._sharpness import DENSE_MAX_PARAMS
 from ..flows import flow_kind
-from ._engine import FlowArrays, ProbeArrays, probe_batch, rollout_batch, solve_batch
+from ._engine import FlowArrays, ProbeArrays, _rows, probe_batch, rollout_batch, solve_batch
 from ._progress import say
-
-
-def _rows(tree) -> np.ndarray:
-    """A pytree with leading axes (B, m) -> (B, m, n), leaves in ``ravel_pytree`` order."""
-    leaves = jax.tree.leaves(tree)
-    return np.concatenate([np.asarray(x).reshape(x.shape[0], x.shape[1], -1) for x in leaves], axis=2)
 
 
 @dataclasses.dataclass

@@ -92,6 +92,7 @@ class FlowRecord(ModelRecord):
     solver_steps: int
     rejected_steps: int
     solver: str | None  # the solver that produced the flow (a retry after a budget hit says so)
+    construction: str | None  # the flow that ran: rod1, rod2, inertial, ... (what "rod" resolved to)
     catapult_count_difference: int | None
     catapult_mean_timing_error: float | None
     first_catapult_timing_error: int | None
@@ -153,6 +154,7 @@ def flow_record(ev, name: str, i: int) -> FlowRecord:
         failed_at = int(ts[np.argmin(finite)]) if not finite.all() else int(ts[-1])
     if stopped:
         message = f"stopped at step {div}: the discrete run diverged there"
+    note = "" if f.arrays.note is None else str(f.arrays.note[i])
     late = M.late_window(ev.flow_grid, K, N)
     lerr = M.loss_rel_error(loss, avg)
     vwin = None
@@ -185,10 +187,11 @@ def flow_record(ev, name: str, i: int) -> FlowRecord:
         variance_window_log_error=vwin,
         failed=failed,
         failed_at=failed_at,
-        message=message if (failed or stopped) else "",
+        message=message if (failed or stopped) else note,
         solver_steps=int(f.arrays.num_steps[i]),
         rejected_steps=int(f.arrays.num_rejected_steps[i]),
         solver=None if f.arrays.solver is None else str(f.arrays.solver[i]),
+        construction=f.arrays.construction,
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import equinox as eqx
 import jax
@@ -39,6 +39,8 @@ class AbstractFlow(eqx.Module):
     optimizer: AbstractOptimizer
     loss_fn: Callable = eqx.field(static=True)
     scale: Slow
+    # the construction's name as records report it (``"rod1"``, ``"rod2"``, ``"inertial"``, ...)
+    construction: ClassVar[str] = "flow"
 
     @abc.abstractmethod
     def vector_field(self, t, y, args) -> Any:
@@ -69,6 +71,12 @@ class AbstractFlow(eqx.Module):
         """The predicted oscillation variance ``E|x - centre|^2`` in parameter space: ``|r|^2``
         for a rod (0 for a flow without one); the central flow's ``tr Sigma``."""
         return jnp.square(self.half_norm(y))
+
+    def scale_oscillation(self, y, factor):
+        """``y`` with its oscillation part (a rod's half-vector, and its velocity where it has
+        one) multiplied by ``factor``; ``y`` itself for a flow without one. The solver uses it to
+        hold the half-vector to its own absolute tolerance (``SolverConfig.half_atol``)."""
+        return y
 
     def scaled(self, slow: Slow) -> Slow:
         return _apply(slow, self.scale, jnp.divide)

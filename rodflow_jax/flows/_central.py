@@ -50,7 +50,7 @@ carried from the previous evaluation would make the vector field history-depende
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -108,6 +108,8 @@ class CriticalSystem(NamedTuple):
 
 class CentralFlow(AbstractFlow):
     """Central flow of GD or an RMSProp on ``loss_fn``; see the module docstring."""
+
+    construction: ClassVar[str] = "central"
 
     start: jax.Array  # (n,) fixed Lanczos start vector
     k: int = eqx.field(static=True, default=2)

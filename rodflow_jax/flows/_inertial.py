@@ -41,7 +41,7 @@ state (``nu``) is fed by the two endpoints' mean, as in the first-order rod.
 from __future__ import annotations
 
 import abc
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +107,10 @@ class AbstractInertialFlow(AbstractFlow):
         d_slow = self.scaled(tree_sub(new_slow, self.unscaled(y.slow)))
         return InertialState(y.centre_velocity, y.half_velocity, d_uc, d_ur, d_slow)
 
+    def scale_oscillation(self, y: InertialState, factor) -> InertialState:
+        f = lambda x: factor * x  # noqa: E731
+        return y._replace(half=jax.tree.map(f, y.half), half_velocity=jax.tree.map(f, y.half_velocity))
+
     def centre(self, y: InertialState) -> Phase:
         """The centre's parameters (its momentum is implied by the velocity; not formed here)."""
         return Phase(y.centre, None)
@@ -117,6 +121,8 @@ class AbstractInertialFlow(AbstractFlow):
 
 class InertialRodFlow(AbstractInertialFlow):
     """The inertial rod flow; see the module docstring."""
+
+    construction: ClassVar[str] = "inertial"
 
     @property
     def models_oscillation(self) -> bool:
@@ -145,6 +151,8 @@ class InertialRodFlow(AbstractInertialFlow):
 
 class InertialStableFlow(AbstractInertialFlow):
     """The inertial stable flow: the inertial rod flow's invariant ``rho = u_rho = 0`` subspace."""
+
+    construction: ClassVar[str] = "inertial_stable"
 
     def velocity_map(self, y: InertialState):
         new_uc, new_slow = self._velocity_step(y.centre, y.centre_velocity, self.unscaled(y.slow))

@@ -15,6 +15,7 @@ from . import _central, _inertial
 from ._central import central_flow
 from ._inertial import inertial_flow
 from ._rod import rod_flow
+from ._second_order import second_order
 from ._stable import stable_flow
 
 
@@ -51,16 +52,49 @@ def _inertial_start(rod: bool):
     )
 
 
+def _second(start):
+    """The second-order (backward-error-corrected) version of a flow's start."""
+
+    def corrected(*args, **kw):
+        flow, y0 = start(*args, **kw)
+        return second_order(flow), y0
+
+    return corrected
+
+
+ROD_CONSTRUCTIONS = ("rod1", "rod2", "inertial", "inertial2")
+
+
+def default_construction(optimizer: AbstractOptimizer) -> str:
+    """The rod construction ``"rod"`` runs for ``optimizer``: its type's ``rod_construction``
+    (chosen by measurement, README "Which rod"), or the first-order rod where that one does not
+    support this instance (an inertial default at momentum 0)."""
+    name = optimizer.rod_construction
+    return name if FLOWS[name].supports(optimizer) is None else "rod1"
+
+
+def _default_rod_start(optimizer, loss_fn, z0, s0, z1, s1, **kw):
+    return FLOWS[default_construction(optimizer)].start(optimizer, loss_fn, z0, s0, z1, s1, **kw)
+
+
 FLOWS: dict[str, FlowKind] = {
     k.name: k
     for k in (
         FlowKind("stable", _from_one_state(stable_flow), description="the rod collapsed to a point"),
-        FlowKind("rod", rod_flow, models_oscillation=True, predicts_variance=True,
-                 description="two consecutive iterates as one rod"),
+        FlowKind("rod", _default_rod_start, models_oscillation=True, predicts_variance=True,
+                 description="two consecutive iterates as one rod, in the optimizer's default construction "
+                             "(one of rod1, rod2, inertial, inertial2: metrics.json's `construction`)"),
+        FlowKind("rod1", rod_flow, models_oscillation=True, predicts_variance=True,
+                 description="the first-order rod flow (generator R - id)"),
+        FlowKind("rod2", _second(rod_flow), models_oscillation=True, predicts_variance=True,
+                 description="the second-order rod flow (backward-error-corrected generator v - Dv[v]/2)"),
         FlowKind("central", _from_one_state(central_flow), _central.supports, predicts_variance=True,
                  description="the time-averaged iterate (Cohen et al. 2025)"),
         FlowKind("inertial", _inertial_start(True), _inertial.supports, models_oscillation=True,
                  predicts_variance=True, description="second-order rod flow of a momentum method"),
+        FlowKind("inertial2", _second(_inertial_start(True)), _inertial.supports, models_oscillation=True,
+                 predicts_variance=True, description="the inertial rod flow, second-order corrected (unstable at "
+                                                     "momentum: see rodflow_jax/flows/_second_order.py)"),
         FlowKind("inertial_stable", _inertial_start(False), _inertial.supports,
                  description="the inertial rod flow's r = 0 limit"),
     )

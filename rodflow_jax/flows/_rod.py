@@ -27,7 +27,7 @@ alternating part of ``s'`` on a period-2 orbit is ``1/(1+b)`` of the naive endpo
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -50,6 +50,7 @@ class RodFlow(AbstractFlow):
     """Rod flow of ``optimizer`` on ``loss_fn``; see the module docstring for the equations."""
 
     exact_slow_feed: bool = eqx.field(static=True, default=True)
+    construction: ClassVar[str] = "rod1"
 
     @property
     def models_oscillation(self) -> bool:
@@ -77,6 +78,9 @@ class RodFlow(AbstractFlow):
 
     def centre(self, y: RodState) -> Phase:
         return y.centre
+
+    def scale_oscillation(self, y: RodState, factor) -> RodState:
+        return y._replace(half=jax.tree.map(lambda x: factor * x, y.half))
 
     def slow(self, y: RodState) -> Slow:
         return self.unscaled(y.slow)

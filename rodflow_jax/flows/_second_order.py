@@ -122,6 +122,14 @@ class SecondOrderFlow(AbstractFlow):
         v, dv = self.field_and_derivative(t, y, args)
         return tree_axpy(-0.5, dv, v)
 
+    @property
+    def construction(self) -> str:
+        """``rod2`` for the rod (``rod1``), else the inner flow's name with ``2`` (``inertial2``)."""
+        return self.inner.construction.removesuffix("1") + "2"
+
+    def scale_oscillation(self, y, factor):
+        return self.inner.scale_oscillation(y, factor)
+
     def centre(self, y):
         return self.inner.centre(y)
 
@@ -149,12 +157,9 @@ def second_order(flow: AbstractFlow) -> SecondOrderFlow:
 
 
 def second_order_solver(flow: AbstractFlow, dtype):
-    """The default solver of ``flow``'s inner flow with twice its step budget per simulated step
-    (the corrected field damps the ``mu ~ -1`` modes at rate ~4 instead of ~2, so an explicit
-    solver takes up to twice the steps). Pass as ``integrate(..., config=...)``."""
-    from .._integrate import SolverConfig, default_solver  # late: _integrate imports flows
+    """``default_solver`` of the corrected flow: the inner flow's solver with twice its step budget
+    per simulated step (the corrected field damps the ``mu ~ -1`` modes at rate ~4 instead of ~2)
+    and, for a rod, the tighter absolute tolerance on ``r`` (:func:`rodflow_jax._integrate.half_atol`)."""
+    from .._integrate import default_solver  # late: _integrate imports flows
 
-    inner = flow.inner if isinstance(flow, SecondOrderFlow) else flow
-    base = default_solver(inner, dtype)
-    return SolverConfig(base.solver, base.rtol, base.atol, 2 * base.max_steps_per_step)
-
+    return default_solver(flow if isinstance(flow, SecondOrderFlow) else SecondOrderFlow(flow), dtype)

@@ -11,7 +11,7 @@ $O(1 - b_2)$.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 
@@ -27,6 +27,8 @@ class StableState(NamedTuple):
 
 class StableFlow(AbstractFlow):
     """Stable flow of ``optimizer`` on ``loss_fn``."""
+
+    construction: ClassVar[str] = "stable"
 
     def vector_field(self, t, y: StableState, args) -> StableState:
         slow = self.unscaled(y.slow)

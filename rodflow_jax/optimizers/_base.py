@@ -60,6 +60,9 @@ class AbstractOptimizer(eqx.Module):
     # False for an optimizer with no threshold formula (``from_optax``): probes then measure the
     # generic edge ratio of its step map (``rodflow_jax._edge``), which is 1 at the edge
     analytic_threshold: ClassVar[bool] = True
+    # the rod construction ``--models rod`` runs (rod1, rod2, inertial, inertial2): chosen per
+    # optimizer type by the fidelity grid (README, "Which rod construction runs by default")
+    rod_construction: ClassVar[str] = "rod1"
 
     learning_rate: Any
 

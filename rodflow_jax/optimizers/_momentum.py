@@ -19,6 +19,7 @@ class GD(AbstractOptimizer):
     """
 
     name: ClassVar[str] = "gd"
+    rod_construction: ClassVar[str] = "rod2"
     learning_rate: object = eqx.field(converter=as_hparam)
 
     def init_momentum(self, params):
@@ -48,6 +49,8 @@ def _trace(m, g, beta):
 
 class _AbstractMomentum(AbstractMomentumMethod):
     """Shared state and slow map of heavy ball and Nesterov."""
+
+    rod_construction: ClassVar[str] = "inertial"
 
     learning_rate: object = eqx.field(converter=as_hparam)
     momentum: jax.Array = eqx.field(converter=as_hparam, default=0.9)

@@ -37,7 +37,9 @@ def _golden_compare(prob, opt_name, steps):
     p = rf.get_problem(prob)
     loss_fn, params0 = p.make(0)
     hp = {"learning_rate": p.learning_rates[opt_name], **p.hyperparameters.get(opt_name, {})}
-    return rf.compare(loss_fn, params0, rf.make_optimizer(opt_name, **hp), steps, sharpness_method="lanczos")
+    # the goldens are the first-order rod's: "rod" now runs each optimizer's default construction
+    return rf.compare(loss_fn, params0, rf.make_optimizer(opt_name, **hp), steps, sharpness_method="lanczos",
+                      models=("discrete", "stable", "rod1"))
 
 
 def test_compare_keeps_the_pre_engine_numbers_on_toy():
@@ -49,11 +51,11 @@ def test_compare_keeps_the_pre_engine_numbers_on_toy():
     for key in ("num_steps", "start_step", "num_params", "threshold", "eos_onset_step"):
         assert new[key] == pytest.approx(old[key], rel=1e-9), key
     assert new["discrete"]["final_loss"] == pytest.approx(old["discrete"]["final_loss"], rel=1e-9)
-    for flow in ("stable", "rod"):
+    for flow, was in (("stable", "stable"), ("rod1", "rod")):
         for key in ("param_rel_error_max", "param_rel_error_final", "loss_rel_error_mean", "loss_window_log_error",
                     "solver_steps", "rejected_steps"):
-            assert new[flow][key] == pytest.approx(old[flow][key], rel=1e-6), (flow, key)
-        assert new[flow]["sharpness_final"] == pytest.approx(old[flow]["sharpness_final"], rel=1e-4)
+            assert new[flow][key] == pytest.approx(old[was][key], rel=1e-6), (flow, key)
+        assert new[flow]["sharpness_final"] == pytest.approx(old[was]["sharpness_final"], rel=1e-4)
 
 
 @pytest.mark.slow
@@ -61,9 +63,9 @@ def test_compare_keeps_the_pre_engine_numbers_on_deep_linear():
     old = GOLDEN["compare/deep-linear/heavy_ball"]["metrics"]
     new = _golden_compare("deep-linear", "heavy_ball", 200).metrics
     assert new["discrete"]["final_loss"] == pytest.approx(old["discrete"]["final_loss"], rel=1e-9)
-    for flow in ("stable", "rod"):
+    for flow, was in (("stable", "stable"), ("rod1", "rod")):
         for key in ("param_rel_error_max", "param_rel_error_final", "loss_rel_error_mean"):
-            assert new[flow][key] == pytest.approx(old[flow][key], rel=1e-6), (flow, key)
+            assert new[flow][key] == pytest.approx(old[was][key], rel=1e-6), (flow, key)
 
 
 def test_hypergradients_keep_the_pre_engine_values():
@@ -71,7 +73,7 @@ def test_hypergradients_keep_the_pre_engine_values():
     loss_fn, params0 = p.make(0)
     opt = rf.make_optimizer("gd", learning_rate=p.learning_rates["gd"])
     old = GOLDEN["hypergrad/toy/gd"]
-    v, g = rf.hypergradient(loss_fn, params0, opt, 100, objective="mean_loss_last:20", model="rod", start_step=0)
+    v, g = rf.hypergradient(loss_fn, params0, opt, 100, objective="mean_loss_last:20", model="rod1", start_step=0)
     assert [v, g["learning_rate"]] == pytest.approx(old["rod_mean_loss_last:20"], rel=1e-6)
     v, g = rf.hypergradient(loss_fn, params0, opt, 100, objective="final_loss", model="discrete")
     assert [v, g["learning_rate"]] == pytest.approx(old["discrete_final_loss"], rel=1e-9)

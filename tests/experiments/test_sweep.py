@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import tiny_mlp
 
-from rodflow_jax import integrate, make_optimizer, rod_flow, run_discrete, sweep
+from rodflow_jax import integrate, make_flow, make_optimizer, run_discrete, sweep
 from rodflow_jax.cli import main
 
 LRS = [0.3, 1.0, 60.0]  # below the edge, at the edge, diverging
@@ -36,7 +36,7 @@ def _solo(lr, seed):
     run = run_discrete(opt, loss_fn, p0, STEPS)
     z0, s0 = run.state_at(0)
     z1, s1 = run.state_at(1)
-    flow, y0 = rod_flow(opt, loss_fn, z0, s0, z1, s1)
+    flow, y0 = make_flow("rod", opt, loss_fn, z0, s0, z1, s1)  # GD's default construction (rod2)
     return run, integrate(flow, y0, 0, STEPS - 1)
 
 

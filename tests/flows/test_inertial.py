@@ -151,8 +151,8 @@ def test_inertial_rod_beats_the_first_order_rod_on_heavy_ball():
     problem = rf.get_problem("deep-linear")
     loss, params = problem.make(0)
     opt = rf.make_optimizer("heavy_ball", learning_rate=problem.learning_rates["heavy_ball"], momentum=0.5)
-    cmp = rf.compare(loss, params, opt, 300, models=("discrete", "rod", "inertial"), probe_every=50)
-    rod, inertial = cmp.metrics["rod"], cmp.metrics["inertial"]
+    cmp = rf.compare(loss, params, opt, 300, models=("discrete", "rod1", "inertial"), probe_every=50)
+    rod, inertial = cmp.metrics["rod1"], cmp.metrics["inertial"]
     assert not inertial["failed"]
     assert inertial["param_rel_error_final"] * 3 < rod["param_rel_error_final"]
     assert abs(inertial["sharpness_ratio_final"] - 1) < 0.05

@@ -1,0 +1,124 @@
+"""The rod constructions by name, the default each optimizer runs, the second-order rods' own
+tolerance on ``r``, and stalled-but-converged flows held fixed."""
+
+import dataclasses
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rodflow_jax as rf
+from rodflow_jax._integrate import SolverConfig, _HalfScaled, default_solver, half_atol, solver_name
+from rodflow_jax.experiments._engine import hold_converged
+from rodflow_jax.flows import SecondOrderFlow
+from rodflow_jax.flows._registry import ROD_CONSTRUCTIONS, default_construction
+from helpers import flat, tiny_mlp
+
+
+def _start(name, **hp):
+    loss, p0 = tiny_mlp(0)
+    opt = rf.make_optimizer(name, learning_rate=0.05, **hp)
+    run = rf.run_discrete(opt, loss, p0, 3)
+    return opt, loss, (*run.state_at(0), *run.state_at(1))
+
+
+def test_every_construction_is_a_flow_and_rod_is_the_optimizers_default():
+    assert set(ROD_CONSTRUCTIONS) <= set(rf.FLOWS)
+    expect = {"gd": "rod2", "heavy_ball": "inertial", "nesterov": "inertial"}
+    for name, construction in expect.items():
+        opt, loss, states = _start(name)
+        assert default_construction(opt) == construction
+        flow, _ = rf.make_flow("rod", opt, loss, *states)
+        assert flow.construction == construction
+    opt, loss, states = _start("heavy_ball", momentum=0.0)  # no velocity form: the first-order rod
+    assert default_construction(opt) == "rod1"
+    for kind, cls_name in (("rod1", "RodFlow"), ("rod2", "SecondOrderFlow")):
+        flow, _ = rf.make_flow(kind, *_start("gd")[:2], *_start("gd")[2])
+        assert type(flow).__name__ == cls_name and flow.construction == kind
+
+
+def test_second_order_rods_hold_r_to_their_own_tolerance():
+    opt, loss, states = _start("gd")
+    rod2, _ = rf.make_flow("rod2", opt, loss, *states)
+    rod1, _ = rf.make_flow("rod1", opt, loss, *states)
+    c64, c32 = default_solver(rod2, jnp.float64), default_solver(rod2, jnp.float32)
+    assert c64.half_atol == pytest.approx(1e-3 * c64.atol) == pytest.approx(1e-12)
+    assert c32.half_atol == c32.atol  # float32: 1e-10 would sit inside rounding noise
+    assert default_solver(rod1, jnp.float64).half_atol is None
+    assert "r atol 1e-12" in solver_name(c64)
+    stable2 = rf.second_order(rf.make_flow("stable", opt, loss, *states)[0])
+    assert default_solver(stable2, jnp.float64).half_atol is None  # nothing to scale
+    assert half_atol(jnp.float64, 1e-9) == pytest.approx(1e-12) and half_atol(jnp.float32, 1e-7) == 1e-7
+
+
+def test_the_scaled_half_vector_is_an_exact_change_of_variables():
+    opt, loss, states = _start("gd")
+    rod, y = rf.make_flow("rod1", opt, loss, *states)
+    scaled = _HalfScaled(rod, 1e-3)
+    ys = rod.scale_oscillation(y, 1e3)
+    v, vs = rod.vector_field(0.0, y, None), scaled.vector_field(0.0, ys, None)
+    np.testing.assert_allclose(1e-3 * flat(vs.half.params), flat(v.half.params), rtol=1e-12)
+    np.testing.assert_allclose(flat(vs.centre.params), flat(v.centre.params), rtol=1e-12)
+    assert float(scaled.half_norm(ys)) == pytest.approx(float(rod.half_norm(y)), rel=1e-12)
+    assert float(scaled.predicted_loss(ys)) == pytest.approx(float(rod.predicted_loss(y)), rel=1e-12)
+    # and a solve with r held to atol itself is the unscaled solve, bit for bit
+    cfg = default_solver(rod, jnp.float64)
+    a = rf.integrate(rod, y, 0, 10, config=cfg)
+    b = rf.integrate(rod, y, 0, 10, config=dataclasses.replace(cfg, half_atol=cfg.atol))
+    np.testing.assert_array_equal(a.loss, b.loss)
+
+
+def test_second_order_rod_lets_r_decay_to_rounding_level_before_the_edge():
+    """GD below its threshold on a quadratic: the rod's r-modes decay (eta lam - 2 < 0). With r
+    held to 1e-12 the corrected rod's |r| reaches rounding level (~1e-14); held to the centre's
+    1e-9 it stalls near 1e-11 (the seed of an early catapult, README)."""
+    lam = jnp.array([1.0, 0.5, 0.2])
+    loss = lambda w: 0.5 * jnp.sum(lam * w ** 2)  # noqa: E731
+    opt = rf.make_optimizer("gd", learning_rate=1.5)  # eta lam = 1.5, 0.75, 0.3
+    run = rf.run_discrete(opt, loss, jnp.array([1.0, 1.0, 1.0]), 2)
+    flow, y = rf.make_flow("rod2", opt, loss, *run.state_at(0), *run.state_at(1))
+    cfg = default_solver(flow, jnp.float64)
+    tight = rf.integrate(flow, y, 0, 60, config=cfg)
+    loose = rf.integrate(flow, y, 0, 60, config=dataclasses.replace(cfg, half_atol=None))
+    assert not tight.failed and not loose.failed
+    tail = slice(-15, None)
+    assert tight.half_norm[tail].max() < 1e-12  # measured 4e-13 at most, ~1e-14 typical
+    assert loose.half_norm[tail].max() > 30 * tight.half_norm[tail].max()  # measured 4e-11 at most
+
+
+def test_metrics_record_the_construction_and_cli_runs_each(tmp_path):
+    loss, p0 = tiny_mlp(0)
+    opt = rf.make_optimizer("gd", learning_rate=0.3)
+    cmp = rf.compare(loss, p0, opt, 30, models=("discrete", "rod", "rod1"), probe_every=10)
+    assert cmp.metrics["rod"]["construction"] == "rod2" and cmp.metrics["rod1"]["construction"] == "rod1"
+    assert "r atol" in cmp.metrics["rod"]["solver"]
+    from rodflow_jax.cli import main
+    out = tmp_path / "run"
+    assert main(["compare", "--problem", "toy", "--optimizer", "heavy_ball", "--steps", "60", "--models",
+                 "discrete,rod,rod1,rod2", "--out", str(out), "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert [m[k]["construction"] for k in ("rod", "rod1", "rod2")] == ["inertial", "rod1", "rod2"]
+
+
+def _sol(centres, loss, result):
+    """A one-row solve: (loss, half, centre, slow, var, result, steps, rejected)."""
+    c = np.asarray(centres, float)[None]
+    m = c.shape[1]
+    return (np.asarray(loss, float)[None], np.zeros((1, len(loss))), [c], [np.ones_like(c)], np.zeros((1, m)),
+            np.array([result]), np.array([10]), np.array([5]))
+
+
+def test_a_converged_flow_that_stalls_is_held_and_says_so():
+    import diffrax
+    budget = int(diffrax.RESULTS.max_steps_reached._value)
+    ts = np.arange(100, 200)
+    pts = np.arange(100, 200, 5)
+    loss = np.where(ts <= 170, -1.0, np.inf)
+    still = np.where(pts[:, None] <= 170, 2.0 + 1e-9 * np.sin(pts)[:, None], np.inf) * np.ones((1, 2))
+    sol, notes = hold_converged(_sol(still, loss, budget), ts, pts, jnp.float64)
+    assert sol[5][0] == 0 and "held fixed from step 170" in notes[0]
+    assert np.all(sol[0][0] == -1.0) and np.isfinite(sol[2][0]).all()
+    moving = np.where(pts[:, None] <= 170, 2.0 + 1e-3 * pts[:, None], np.inf) * np.ones((1, 2))
+    sol, notes = hold_converged(_sol(moving, loss, budget), ts, pts, jnp.float64)
+    assert sol[5][0] == budget and notes[0] == ""  # a real failure stays one
