@@ -250,6 +250,7 @@ def _mid(row) -> str:
 
 def markdown_table(rows) -> str:
     """One line per cell (problem, optimizer, hyperparameters); "a / b" = default / pre-edge start."""
+    rows = [r for r in rows if "stable_error_final" in r and "rod_error_final" in r]  # stable-vs-rod rows
     cells: dict = {}
     for r in rows:
         cells.setdefault(_cell_key(r), {})[r["start"]] = r
@@ -286,6 +287,7 @@ def markdown_table(rows) -> str:
 
 def summary_counts(rows) -> str:
     """The README's counts, each cell once (its pre-edge start where it has one)."""
+    rows = [r for r in rows if "stable_error_final" in r and "rod_error_final" in r]  # stable-vs-rod rows
     cells: dict = {}
     for r in rows:
         if _cell_key(r) not in cells or r["start"] == "pre_edge":
@@ -577,9 +579,8 @@ def main(argv=None):
         for r in cell_rows:
             print(
                 f"{pname:16s} {name:15s} K={r['start_step']:4d} onset={r['eos_onset_step']} "
-                f"stable={_fmt(r['stable_error_final'])} rod={_fmt(r['rod_error_final'])} "
-                f"ratio={_fmt(r['error_ratio_final'], '.1f')}"
-                + (f" inertial={_fmt(r['inertial_error_final'])}" if "inertial_error_final" in r else "")
+                + " ".join(f"{f}={_fmt(r[f'{f}_error_final'])}" for f in rf.FLOWS if f"{f}_error_final" in r)
+                + f" ratio={_fmt(r['error_ratio_final'], '.1f')}"
                 + f" ({wall:.0f} s)",
                 flush=True,
             )

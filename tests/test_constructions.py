@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import rodflow_jax as rf
-from rodflow_jax._integrate import SolverConfig, _HalfScaled, default_solver, half_atol, solver_name
+from rodflow_jax._integrate import _HalfScaled, default_solver, half_atol, solver_name
 from rodflow_jax.experiments._engine import hold_converged
-from rodflow_jax.flows import SecondOrderFlow
 from rodflow_jax.flows._registry import ROD_CONSTRUCTIONS, default_construction
+from rodflow_jax.flows._second_order import second_order_margin
 from helpers import flat, tiny_mlp
 
 
@@ -25,17 +25,31 @@ def _start(name, **hp):
 
 def test_every_construction_is_a_flow_and_rod_is_the_optimizers_default():
     assert set(ROD_CONSTRUCTIONS) <= set(rf.FLOWS)
-    expect = {"gd": "rod2", "heavy_ball": "inertial", "nesterov": "inertial"}
-    for name, construction in expect.items():
-        opt, loss, states = _start(name)
-        assert default_construction(opt) == construction
+    expect = {("gd", None): "rod2", ("rmsprop", None): "rod2", ("adam", None): "inertial",
+              ("scalar_nadam", None): "inertial", ("heavy_ball", 0.9): "inertial", ("heavy_ball", 0.5): "inertial",
+              ("nesterov", 0.9): "inertial", ("nesterov", 0.5): "rod2", ("heavy_ball", 0.0): "rod2"}
+    for (name, beta), construction in expect.items():
+        opt, loss, states = _start(name, **({} if beta is None else {"momentum": beta}))
+        assert default_construction(opt) == construction, (name, beta)
         flow, _ = rf.make_flow("rod", opt, loss, *states)
         assert flow.construction == construction
-    opt, loss, states = _start("heavy_ball", momentum=0.0)  # no velocity form: the first-order rod
-    assert default_construction(opt) == "rod1"
     for kind, cls_name in (("rod1", "RodFlow"), ("rod2", "SecondOrderFlow")):
-        flow, _ = rf.make_flow(kind, *_start("gd")[:2], *_start("gd")[2])
+        opt, loss, states = _start("gd")
+        flow, _ = rf.make_flow(kind, opt, loss, *states)
         assert type(flow).__name__ == cls_name and flow.construction == kind
+
+
+def test_second_order_margin_is_where_the_flipped_r_multiplier_reaches_two():
+    """Heavy ball on a quadratic: mu = 2 at eta lambda = (6 + 3 beta)/2, i.e. (6 + 3 beta)/(4 + 4 beta)
+    of the threshold; GD's is 1.5. A batch gets its smallest margin (its largest momentum)."""
+    for beta in (0.0, 0.3, 0.5, 0.9):
+        opt = rf.make_optimizer("heavy_ball", learning_rate=0.1, momentum=beta)
+        assert second_order_margin(opt) == pytest.approx((6 + 3 * beta) / (4 + 4 * beta), rel=1e-9)
+    assert second_order_margin(rf.make_optimizer("gd", learning_rate=0.1)) == pytest.approx(1.5, rel=1e-9)
+    batch = rf.make_optimizer("nesterov", learning_rate=0.1, momentum=jnp.array([0.5, 0.9]))
+    assert second_order_margin(batch) == pytest.approx(
+        second_order_margin(rf.make_optimizer("nesterov", learning_rate=0.1, momentum=0.9)))
+    assert default_construction(batch) == "inertial"  # one construction per batch: the one that holds for all
 
 
 def test_second_order_rods_hold_r_to_their_own_tolerance():

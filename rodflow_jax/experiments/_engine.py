@@ -22,6 +22,7 @@ from .._discrete import init_carry, rollout_chunk
 from .._integrate import SolverConfig, default_solver, default_tolerances, is_implicit, solve, solver_name, stiff_solver
 from .._sharpness import probe_trajectory
 from ..flows import flow_kind
+from ..flows._registry import resolve
 from ._progress import bar
 from ._sharding import place, to_host
 
@@ -135,6 +136,7 @@ def solve_batch(kind: str, optimizer, loss_fn, states, ts, param_ts, stop_at, *,
     """The ``kind`` flow of every configuration from its ``states = (z0, s0, z1, s1)`` (stacked),
     over ``ts`` (integer steps), stopped at ``stop_at`` (B,) (``inf``: never)."""
     dtype = jax.tree.leaves(states[0])[0].dtype
+    kind = resolve(kind, optimizer)  # "rod": the construction this batch runs, decided on concrete values
     n, m = len(ts), len(param_ts)
     # save times padded (repeating the end) to a bucket of sizes, so runs of nearby lengths share
     # one compilation; the padding is sliced off again

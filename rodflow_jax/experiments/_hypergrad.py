@@ -41,12 +41,13 @@ from .._discrete import init_carry, rollout_chunk, states_at
 from .._errors import InputError
 from .._integrate import SolverConfig, default_solver, solve
 from .._sharpness import optimizer_sharpness
-from ..flows import flow_kind
+from ..flows import FLOW_KINDS, flow_kind
+from ..flows._registry import resolve
 from ..optimizers import AbstractOptimizer
 from ._estimators import DEFAULT_ESTIMATOR, DEFAULT_PAIRS, Estimate, EstimatorSettings, smoothed_estimate
 from ._spec import check_problem, differentiable, resolve_start
 
-HG_MODELS = ("discrete", "stable", "rod", "central", "inertial", "inertial_stable")
+HG_MODELS = ("discrete", *FLOW_KINDS)
 
 
 def parse_objective(objective: str, num_steps: int) -> tuple[str, int]:
@@ -182,6 +183,7 @@ def estimate_hypergradient(
         raise InputError(f"unknown model {model!r}; choose from {', '.join(HG_MODELS)}")
     if model != "discrete":
         flow_kind(model).check(optimizer)
+        model = resolve(model, optimizer)  # "rod": its construction, decided before anything is traced
     wrt = list(wrt)
     settings = _resolve_estimator(estimator, objective, wrt, pairs, width, seed)
     loss_fn, params0 = differentiable(loss_fn, params0)

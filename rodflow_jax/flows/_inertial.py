@@ -45,6 +45,7 @@ from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._errors import InputError
 from .._tree import tree_add, tree_mean2, tree_norm, tree_stack2, tree_sub, tree_unstack2, tree_zeros_like
@@ -70,7 +71,7 @@ def supports(optimizer: AbstractOptimizer) -> str | None:
                 "does not declare: its momentum cannot be rebuilt from a velocity without knowing the update rule; "
                 "for optax.sgd(momentum=b[, nesterov=True]) use --optimizer heavy_ball or nesterov, which equal it")
     beta = optimizer.momentum_decay()
-    if not isinstance(beta, jax.core.Tracer) and not float(beta) > 0:
+    if not isinstance(beta, jax.core.Tracer) and not np.all(np.asarray(beta) > 0):  # a batch: every one
         return "the inertial flows need momentum > 0 (at 0 the method is GD: use the rod flow)"
     return None
 

@@ -15,7 +15,7 @@ from . import _central, _inertial
 from ._central import central_flow
 from ._inertial import inertial_flow
 from ._rod import rod_flow
-from ._second_order import second_order
+from ._second_order import SECOND_ORDER_MARGIN, second_order, second_order_margin
 from ._stable import stable_flow
 
 
@@ -66,11 +66,26 @@ ROD_CONSTRUCTIONS = ("rod1", "rod2", "inertial", "inertial2")
 
 
 def default_construction(optimizer: AbstractOptimizer) -> str:
-    """The rod construction ``"rod"`` runs for ``optimizer``: its type's ``rod_construction``
-    (chosen by measurement, README "Which rod"), or the first-order rod where that one does not
-    support this instance (an inertial default at momentum 0)."""
+    """The rod construction ``"rod"`` runs for ``optimizer`` (chosen by the fidelity grid, README
+    "Which rod construction runs by default"): its type's ``rod_construction``, except that the
+    second-order rod needs a margin (:func:`second_order_margin` >= 1.4: its r-mode keeps growing
+    up to 1.4x the threshold; Nesterov up to momentum ~0.65, heavy ball ~0.15) and falls back to
+    the inertial rod where the optimizer has one, else to the first-order rod; and an inertial
+    default needs momentum > 0."""
     name = optimizer.rod_construction
-    return name if FLOWS[name].supports(optimizer) is None else "rod1"
+    if name == "rod2":
+        margin = second_order_margin(optimizer)
+        if margin is None or margin < SECOND_ORDER_MARGIN:
+            name = "inertial"
+    if FLOWS[name].supports(optimizer) is not None:
+        name = "rod1"
+    return name
+
+
+def resolve(name: str, optimizer: AbstractOptimizer) -> str:
+    """``name`` with ``"rod"`` replaced by the construction it runs for ``optimizer`` (concrete,
+    possibly batched: a batch gets one construction, by its smallest margin)."""
+    return default_construction(optimizer) if name == "rod" else name
 
 
 def _default_rod_start(optimizer, loss_fn, z0, s0, z1, s1, **kw):

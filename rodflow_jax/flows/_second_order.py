@@ -88,10 +88,14 @@ order -7, second order -6).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._tree import tree_axpy
+from ..optimizers import Phase
 from ._base import AbstractFlow
 
 
@@ -163,3 +167,61 @@ def second_order_solver(flow: AbstractFlow, dtype):
     from .._integrate import default_solver  # late: _integrate imports flows
 
     return default_solver(flow if isinstance(flow, SecondOrderFlow) else SecondOrderFlow(flow), dtype)
+
+
+# measured: the second-order rod works at margins 1.43 (Nesterov 0.5) and 1.5 (GD, RMSProp) and
+# breaks at 1.36 (Nesterov 0.9, an unseen tanh net: no catapults, 125k solver steps) and 1.145
+# (heavy ball 0.9, mlp-digits: sharpness stuck at 2.5x the threshold)
+SECOND_ORDER_MARGIN = 1.4
+
+
+def second_order_margin(optimizer) -> float | None:
+    """Sharpness over threshold at which the rod's flipped r-multiplier reaches ``mu = 2`` on a
+    one-dimensional quadratic (where ``q(x) = x - x^2/2`` peaks; past it the corrected rod's
+    r-mode grows more slowly, and past ``mu = 3`` it is damped: see the module docstring), from
+    the optimizer's own step. GD: 1.5; heavy ball ``(6 + 3 beta)/(4 + 4 beta)``: 1.25 at momentum
+    0.5, 1.145 at 0.9. An adaptive optimizer without momentum is GD's map with the preconditioner
+    frozen (1.5). ``None`` where the step has no such linear form here (the Adam family's slow
+    state is not analysed; ``from_optax``) or the momentum is traced. For a batch, the smallest.
+    """
+    from ..optimizers import AbstractAdaptiveOptimizer, AbstractMomentumMethod  # noqa: F401
+
+    if not optimizer.analytic_threshold:
+        return None
+    momentum = isinstance(optimizer, AbstractMomentumMethod)
+    if isinstance(optimizer, AbstractAdaptiveOptimizer):
+        return None if momentum else 1.5
+    if not momentum:
+        return _margin(type(optimizer), None)
+    beta = optimizer.momentum_decay()
+    if isinstance(beta, jax.core.Tracer):
+        return None
+    return min(_margin(type(optimizer), float(b)) for b in np.unique(np.asarray(beta)))
+
+
+@functools.lru_cache(maxsize=256)
+def _margin(cls, beta: float | None) -> float:
+    opt = cls(learning_rate=1.0) if beta is None else cls(learning_rate=1.0, momentum=beta)
+    phase0, slow = opt.init(jnp.zeros(()))
+    has_m = phase0.momentum is not None
+    thr = float(opt.threshold(slow))
+
+    def most_negative(ratio):
+        lam = ratio * thr
+
+        def step(v):
+            ph = Phase(v[0], v[1] if has_m else None)
+            g = lam * v[0]
+            new = opt.fast_map(ph, g, slow, opt.slow_map(slow, g))
+            return jnp.stack([new.params, new.momentum]) if has_m else jnp.stack([new.params])
+
+        jac = jax.jacfwd(step)(jnp.zeros(2 if has_m else 1))
+        return float(np.min(np.linalg.eigvals(np.asarray(jac)).real))
+
+    lo, hi = 1.0, 4.0
+    if most_negative(hi) > -2.0:
+        return hi
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if most_negative(mid) > -2.0 else (lo, mid)
+    return 0.5 * (lo + hi)

@@ -39,6 +39,7 @@ class _AbstractAdam(AbstractAdaptiveOptimizer, AbstractMomentumMethod):
 
     scalar: ClassVar[bool]
     nesterov: ClassVar[bool]
+    rod_construction: ClassVar[str] = "inertial"
 
     learning_rate: object = eqx.field(converter=as_hparam)
     b1: jax.Array = eqx.field(converter=as_hparam, default=0.9)

@@ -50,7 +50,7 @@ def _trace(m, g, beta):
 class _AbstractMomentum(AbstractMomentumMethod):
     """Shared state and slow map of heavy ball and Nesterov."""
 
-    rod_construction: ClassVar[str] = "inertial"
+    rod_construction: ClassVar[str] = "rod2"  # where its margin allows (flows._registry), else inertial
 
     learning_rate: object = eqx.field(converter=as_hparam)
     momentum: jax.Array = eqx.field(converter=as_hparam, default=0.9)

@@ -22,6 +22,7 @@ from ._base import (
 
 
 class AbstractRMSProp(AbstractAdaptiveOptimizer):
+    rod_construction: ClassVar[str] = "rod2"
     r"""$\nu' = d\,\nu + (1-d) f(g)$, $w' = w - \eta\, g / \sqrt{\nu' + \epsilon}$.
 
     ``f(g)`` is ``g**2`` per coordinate, or the scalar $\|g\|^2$ for the scalar variant.
