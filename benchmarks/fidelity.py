@@ -309,6 +309,20 @@ def summary_counts(rows) -> str:
     )
 
 
+def _as_rod1(row):
+    """A row that ran ``rod1`` by name but no ``rod`` reads as a stable-vs-rod row too (its rod
+    is the first-order one, as in the rows from before the constructions)."""
+    if "rod_error_final" in row or "rod1_error_final" not in row:
+        return row
+    row = dict(row)
+    for k in [k for k in row if k.startswith("rod1_")]:
+        row["rod_" + k[len("rod1_"):]] = row[k]
+    row["rod_construction"] = "rod1"
+    row["error_ratio_final"] = _ratio(row.get("stable_error_final"), row.get("rod_error_final"))
+    row["error_ratio_max"] = _ratio(row.get("stable_error_max"), row.get("rod_error_max"))
+    return row
+
+
 def construction_of(row, flow: str) -> str:
     """The rod construction a row's ``flow`` ran: ``rod`` rows before the constructions existed
     (no ``rod_construction`` key) are the first-order rod."""
@@ -344,14 +358,20 @@ def _on_time(disc, model) -> bool:
 
 def construction_scores(rows, constructions=CONSTRUCTIONS) -> dict:
     """Per optimizer and construction, over the at-edge cells (>= half the probes at the edge,
-    no divergence): geometric-mean final and max error, first catapults on time / cells whose discrete run
+    no divergence) where every construction that ran for that optimizer ran (paired): geometric-mean final and max error, first catapults on time / cells whose discrete run
     catapults after the start, catapult counts equal, and the number of cells. Cells where the
     discrete run diverged or a construction failed count that construction's error as 1."""
     out: dict = {}
-    for (problem, name, hp, start), cell in by_construction(rows).items():
+    cells = by_construction(rows)
+    ran: dict = {}  # optimizer -> the constructions that ran for it anywhere
+    for (problem, name, hp, start), cell in cells.items():
+        ran.setdefault(name, set()).update(c for c in constructions if c in cell)
+    for (problem, name, hp, start), cell in cells.items():
         r = cell["row"]
         if r.get("discrete_diverged_at") is not None or (r.get("eos_fraction") or 0) < 0.5:
             continue  # the at-edge cells only
+        if not ran[name] <= set(cell):
+            continue  # paired: only cells where every construction of this optimizer ran
         K = r["start_step"]
         disc = [k for k in (r.get("discrete_catapult_steps") or []) if k >= K]
         for c in constructions:
@@ -374,6 +394,56 @@ def construction_scores(rows, constructions=CONSTRUCTIONS) -> dict:
             s["final_gmean"] = math.exp(s.pop("log_final") / n)
             s["max_gmean"] = math.exp(s.pop("log_max") / n)
     return out
+
+
+def default_of(row) -> str:
+    """The construction ``--models rod`` runs for a row's optimizer now."""
+    from rodflow_jax.flows._registry import default_construction
+
+    return default_construction(rf.make_optimizer(row["optimizer"], **row["hyperparameters"]))
+
+
+def targets(rows) -> str:
+    """The catapult issue's targets over the at-edge cells (each cell's pre-edge start where it
+    has one), for the default construction against the first-order rod it replaced."""
+    cells: dict = {}
+    for key, cell in by_construction(rows).items():
+        r = cell["row"]
+        if r.get("discrete_diverged_at") is not None or (r.get("eos_fraction") or 0) < 0.5:
+            continue
+        ck = key[:3]
+        if ck not in cells or key[3] == "pre_edge":
+            cells[ck] = cell
+    stat = {"cells": 0, "catapult_cells": 0, "on_time": 0, "same_count": 0, "ratio10": 0, "max3": 0,
+            "worse": [], "ratio10_rod1": 0, "max3_rod1": 0, "on_time_rod1": 0, "same_count_rod1": 0, "missing": 0}
+    for (problem, name, hp), cell in cells.items():
+        r = cell["row"]
+        c = default_of(r)
+        if c not in cell or "rod1" not in cell or r.get("stable_error_final") is None:
+            stat["missing"] += 1
+            continue
+        stat["cells"] += 1
+        K = r["start_step"]
+        disc = [k for k in (r.get("discrete_catapult_steps") or []) if k >= K]
+        for tag, e in (("", cell[c]), ("_rod1", cell["rod1"])):
+            fin, mx = e["error_final"] or np.inf, e["error_max"] or np.inf
+            stat["ratio10" + tag] += (r["stable_error_final"] or 0) >= 10 * fin
+            stat["max3" + tag] += (r.get("stable_error_max") or 0) >= 3 * mx
+            if disc:
+                model = [k for k in (e["catapult_steps"] or []) if k >= K]
+                stat["on_time" + tag] += _on_time(disc, model)
+                stat["same_count" + tag] += len(model) == len(disc)
+        stat["catapult_cells"] += bool(disc)
+        if (cell[c]["error_final"] or np.inf) > 1.1 * (cell["rod1"]["error_final"] or np.inf):
+            stat["worse"].append(f"{problem} {name} ({c} {_fmt(cell[c]['error_final'], '.3g')} vs rod1 "
+                                 f"{_fmt(cell['rod1']['error_final'], '.3g')})")
+    n, cc = stat["cells"], stat["catapult_cells"]
+    return (f"{n} at-edge cells with the default construction and rod1 ({stat['missing']} without); "
+            f"{cc} catapult after the start. Default / rod1: first catapult on time {stat['on_time']}/{cc} / "
+            f"{stat['on_time_rod1']}/{cc}; same count {stat['same_count']}/{cc} / {stat['same_count_rod1']}/{cc}; "
+            f"stable/rod final >= 10 in {stat['ratio10']}/{n} / {stat['ratio10_rod1']}/{n}; max >= 3 in "
+            f"{stat['max3']}/{n} / {stat['max3_rod1']}/{n}; cells > 10 % worse than rod1 (final error): "
+            f"{len(stat['worse'])}" + (": " + "; ".join(stat["worse"]) if stat["worse"] else ""))
 
 
 def constructions_table(rows) -> str:
@@ -544,7 +614,7 @@ def main(argv=None):
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
     if args.table_from:
-        rows = [r for f in args.table_from for r in json.loads(Path(f).read_text())]
+        rows = [_as_rod1(r) for f in args.table_from for r in json.loads(Path(f).read_text())]
         print(markdown_table(rows))
         print("\n" + summary_counts(rows))
         if any("central_error_final" in r for r in rows):
@@ -553,6 +623,7 @@ def main(argv=None):
             print("\n" + inertial_table(rows))
         print("\n" + constructions_table(rows))
         print("\n" + scores_table(rows))
+        print("\n" + targets(rows))
         return rows
     problems = QUICK["problems"] if args.quick else PROBLEMS
     optimizers = QUICK["optimizers"] if args.quick else OPTIMIZERS
