@@ -163,6 +163,20 @@ def _cmd_list() -> int:
           "learning_rate=2e-3,weight_decay=1e-4; its threshold is measured: the edge ratio.\n"
           "                     compare, sweep (--opt-args weight_decay=1e-4:1e-2:3:log sweeps any float "
           "argument) and hypergrad (--wrt weight_decay) take it")
+    from .flows import FLOWS
+    from .flows._registry import default_construction
+    from .optimizers import make_optimizer
+
+    print("models (--models):")
+    print(f"  {'discrete':18s} the optimizer itself")
+    for name, kind in FLOWS.items():
+        print(f"  {name:18s} {kind.description}")
+    defaults = []
+    for name in OPTIMIZERS:
+        opt = make_optimizer(name, learning_rate=0.1)
+        defaults.append(f"{name}={default_construction(opt)}")
+    print(f"  {'':18s} rod runs, at each optimizer's default hyperparameters: " + ", ".join(defaults)
+          + " (heavy ball and Nesterov by momentum: README, 'Which rod runs by default')")
     return 0
 
 
@@ -244,7 +258,8 @@ def _table(metrics) -> str:
             continue
         st = f"failed at step {e.get('failed_at')} ({e.get('message') or 'non-finite'})" if e.get("failed") else (
             e.get("message") or "ok")
-        rows.append(f"{m:15s} {_fmt(e.get('final_loss'))} {_fmt(e.get('param_rel_error_final'))} "
+        label = f"{m} ({e['construction']})" if m == "rod" and e.get("construction") else m
+        rows.append(f"{label:15s} {_fmt(e.get('final_loss'))} {_fmt(e.get('param_rel_error_final'))} "
                     f"{_fmt(e.get('param_rel_error_max'))} {_fmt(e.get('sharpness_ratio_final'))} "
                     f"{cat(e, e.get('first_catapult_timing_error'))}  {st}")
     if metrics.get("error_ratio_final") is not None:

@@ -106,7 +106,7 @@ FLOWS: dict[str, FlowKind] = {
         FlowKind("central", _from_one_state(central_flow), _central.supports, predicts_variance=True,
                  description="the time-averaged iterate (Cohen et al. 2025)"),
         FlowKind("inertial", _inertial_start(True), _inertial.supports, models_oscillation=True,
-                 predicts_variance=True, description="second-order rod flow of a momentum method"),
+                 predicts_variance=True, description="the inertial rod flow: a rod in velocity form (momentum methods, the Adam family)"),
         FlowKind("inertial2", _second(_inertial_start(True)), _inertial.supports, models_oscillation=True,
                  predicts_variance=True, description="the inertial rod flow, second-order corrected (unstable at "
                                                      "momentum: see rodflow_jax/flows/_second_order.py)"),
