@@ -26,7 +26,16 @@ It also tabulates the per-step growth factor of a linear r-mode (GD on a quadrat
 ``eps = eta lambda - 2``): exact ``1 + eps``, first-order ``exp(eps)``, second-order
 ``exp(eps - eps^2/2)``.
 
+The second-order rod's default solver holds ``r`` to its own absolute tolerance
+(``rodflow_jax._integrate.half_atol``: 1e-12 where the centre has 1e-9); ``--tolerances
+...,same_r`` adds the ablation with ``r`` held to the centre's ``atol``. ``--problem`` takes a
+built-in name, ``tanh-regression`` (a 889-parameter tanh network on generated data, defined
+here) or ``file.py[:make]``; ``--hp CASE=JSON`` overrides a case's hyperparameters.
+
     python benchmarks/second_order.py --out benchmarks/results/second_order.json
+    python benchmarks/second_order.py --cases gd --tolerances default,same_r --out benchmarks/results/second_order_gd_r_atol.json
+    python benchmarks/second_order.py --problem tanh-regression --cases gd --hp 'gd={"learning_rate": 0.64}' \
+        --steps 1500 --tolerances default,same_r --probe-every 10 --out benchmarks/results/second_order_tanh.json
 """
 
 from __future__ import annotations
