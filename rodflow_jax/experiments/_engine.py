@@ -145,15 +145,16 @@ def solve_batch(kind: str, optimizer, loss_fn, states, ts, param_ts, stop_at, *,
     sol = _solve_b(kind, optimizer, loss_fn, states, jnp.asarray(ts_p, dtype), jnp.asarray(pts_p, dtype),
                    stop, dict(options or {}), config, progress)
     sol = to_host(tuple(sol))
+    shape = _flow_shape(kind, optimizer, loss_fn, states, dict(options or {}))
     if config is None:
-        sol, names = _retry_budget_hits(kind, optimizer, loss_fn, states, stop, ts_p, pts_p, dict(options or {}),
-                                        sol, dtype, progress)
+        sol, names = _retry_budget_hits(kind, shape, optimizer, loss_fn, states, stop, ts_p, pts_p,
+                                        dict(options or {}), sol, dtype, progress)
     else:
         names = np.full(len(sol[5]), solver_name(config), dtype=object)
     sol, notes = hold_converged(sol, ts_p, pts_p, dtype)
     loss, half, centre, slow, var = sol[:5]
     trim = lambda x, k: x[:, :k]  # noqa: E731
-    construction = _flow_shape(kind, optimizer, loss_fn, states, dict(options or {})).construction
+    construction = shape.construction
     return FlowArrays(trim(loss, n), trim(half, n), jax.tree.map(lambda x: trim(x, m), centre),
                       jax.tree.map(lambda x: trim(x, m), slow), trim(var, m), *sol[5:], names, construction, notes)
 
@@ -178,6 +179,8 @@ def hold_converged(sol, ts, param_ts, dtype):
     """
     loss, result = np.asarray(sol[0]), np.asarray(sol[5])
     notes = np.full(len(result), "", dtype=object)
+    if not np.isin(result, list(_STALLED)).any():
+        return sol, notes  # the usual case: no copy of the centres
     ts, param_ts = np.asarray(ts), np.asarray(param_ts)
     tol = 10 * default_tolerances(dtype)[0]
     rows = _rows(sol[2])  # (B, m, d) centres at param_ts
@@ -231,14 +234,14 @@ def _flow_shape(kind, optimizer, loss_fn, states, options):
 _BUDGET_HIT = int(diffrax.RESULTS.max_steps_reached._value)
 
 
-def _retry_budget_hits(kind, optimizer, loss_fn, states, stop, ts, param_ts, options, sol, dtype, progress):
+def _retry_budget_hits(kind, shape, optimizer, loss_fn, states, stop, ts, param_ts, options, sol, dtype, progress):
     """The configurations whose default *explicit* solve ran out of its step budget, solved again
     with the matrix-free implicit solver (:func:`~rodflow_jax._integrate.stiff_solver`), their rows
     replaced: the rest keep the explicit solution. Returns the rows and each row's solver name.
 
     The retry is host-side, on the failed rows only (gathered to one device when the batch is
     sharded, as the probes are); it compiles one more solve per batch size that needs it."""
-    first = default_solver(_flow_shape(kind, optimizer, loss_fn, states, options), dtype)
+    first = default_solver(shape, dtype)
     names = np.full(len(sol[5]), solver_name(first), dtype=object)
     hit = np.asarray(sol[5]) == _BUDGET_HIT
     if is_implicit(first) or not hit.any():
