@@ -92,8 +92,6 @@ def _make(seed):
     return _logcosh, {"w": jnp.array([1.0, 0.5])}
 
 
-@pytest.mark.skip(reason="segfaults inside XLA's CPU compiler when run after the other files on its "
-                         "xdist worker (2 of 3 full runs at stop 13; passes alone): see the stop-13 note")
 def test_a_budget_hit_explicit_solve_is_retried_implicitly():
     """GD's stable flow defaults to Tsit5; here Tsit5 needs ~140 steps per simulated step, past its
     budget of 64. The batched solve re-solves only that configuration with the implicit solver,

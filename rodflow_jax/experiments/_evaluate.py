@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import _metrics as M
 from .._integrate import result_message
+from .._resources import relieve_map_pressure
 from .._sharpness import DENSE_MAX_PARAMS
 from ..flows import flow_kind
 from ._engine import FlowArrays, ProbeArrays, _rows, probe_batch, rollout_batch, solve_batch
@@ -88,6 +89,7 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
              top_k: int = 1, sharpness_method: str = "auto", param_budget: float = 2e7, progress=False,
              batch: int | None = None) -> Evaluation:
     """Every model of ``models`` on the batch (``optimizer`` and ``params`` stacked, B configurations)."""
+    relieve_map_pressure()  # before this call's compilations, not in the middle of them
     K, N = start_step, num_steps
     leaves = jax.tree.leaves(params)
     B = batch or int(leaves[0].shape[0])

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from .._discrete import init_carry, rollout_chunk, states_at
 from .._errors import InputError
 from .._integrate import SolverConfig, default_solver, solve
+from .._resources import relieve_map_pressure
 from .._sharpness import optimizer_sharpness
 from ..flows import FLOW_KINDS, flow_kind
 from ..flows._registry import resolve
@@ -185,6 +186,7 @@ def estimate_hypergradient(
         flow_kind(model).check(optimizer)
         model = resolve(model, optimizer)  # "rod": its construction, decided before anything is traced
     wrt = list(wrt)
+    relieve_map_pressure()
     settings = _resolve_estimator(estimator, objective, wrt, pairs, width, seed)
     loss_fn, params0 = differentiable(loss_fn, params0)
     check_problem(loss_fn, params0)
