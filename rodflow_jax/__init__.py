@@ -34,6 +34,8 @@ from .flows import FLOWS as FLOWS, FlowKind as FlowKind, make_flow as make_flow
 from .flows import CentralFlow as CentralFlow, central_flow as central_flow
 from .flows import InertialRodFlow as InertialRodFlow, InertialStableFlow as InertialStableFlow, inertial_flow as inertial_flow
 from .flows import RodFlow as RodFlow, StableFlow as StableFlow, rod_flow as rod_flow, stable_flow as stable_flow
+from .flows import PERIOD_TWO_ORDER as PERIOD_TWO_ORDER, period_two_endpoints as period_two_endpoints
+from .flows import period_two_half as period_two_half
 from .optimizers import (
     GD as GD,
     OPTIMIZERS as OPTIMIZERS,

@@ -123,16 +123,24 @@ class DiscreteRun(NamedTuple):
 def states_at(optimizer: AbstractOptimizer, loss_fn, params0, K: int):
     """``(z_K, s_K, z_{K+1}, s_{K+1})`` by a ``lax.scan`` of K steps: pure, so it can be jitted,
     vmapped over configurations and differentiated (hypergradients)."""
+    window, sK, s1 = window_at(optimizer, loss_fn, params0, K, 1)
+    return window[0], sK, window[1], s1
+
+
+def window_at(optimizer: AbstractOptimizer, loss_fn, params0, K: int, order: int):
+    """``([z_K, ..., z_{K+order}], s_K, s_{K+1})`` (``order >= 1``), as :func:`states_at`."""
     grad = jax.grad(loss_fn)
 
     def body(state, _):
         phase, slow = state
-        return optimizer.step(phase, slow, grad(phase.params)), None
+        nxt = optimizer.step(phase, slow, grad(phase.params))
+        return nxt, nxt
 
     state0 = optimizer.init(params0)
     zK, sK = jax.lax.scan(body, state0, None, length=K)[0] if K else state0
-    z1, s1 = optimizer.step(zK, sK, grad(zK.params))
-    return zK, sK, z1, s1
+    phases, slows = jax.lax.scan(body, (zK, sK), None, length=order)[1]
+    window = [zK] + [jax.tree.map(lambda x: x[j], phases) for j in range(order)]
+    return window, sK, jax.tree.map(lambda x: x[0], slows)
 
 
 def run_discrete(

@@ -24,6 +24,8 @@ from .._integrate import result_message
 from .._resources import relieve_map_pressure
 from .._sharpness import DENSE_MAX_PARAMS
 from ..flows import flow_kind
+from ..flows._registry import resolve
+from ..flows._rod import PERIOD_TWO_ORDER, period_two_endpoints
 from ._engine import FlowArrays, ProbeArrays, _rows, probe_batch, rollout_batch, solve_batch
 from ._progress import say
 
@@ -84,6 +86,19 @@ def grids(num_params: int, num_steps: int, batch: int, probe_every: int | None, 
     return every, grid, grid[grid % pe == 0]
 
 
+def _period_two_states(states, window):
+    """``states = (z_K, s_K, z_{K+1}, s_{K+1})`` (stacked) with the phases replaced by
+    :func:`~rodflow_jax.flows._rod.period_two_endpoints` of ``window``; a configuration whose
+    window is not finite (it diverged within it) keeps its two iterates."""
+    z0, s0, z1, s1 = states
+    p0, p1 = period_two_endpoints(window)
+    leaves = jax.tree.leaves(p0)
+    ok = np.all([np.isfinite(np.asarray(x)).reshape(x.shape[0], -1).all(axis=1) for x in leaves], axis=0)
+    pick = lambda a, b: jax.tree.map(  # noqa: E731
+        lambda x, y: np.where(ok.reshape((-1,) + (1,) * (np.ndim(x) - 1)), np.asarray(x), np.asarray(y)), a, b)
+    return pick(p0, z0), s0, pick(p1, z1), s1
+
+
 def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models, *, threshold_quantity: str,
              flow_options: dict | None = None, solver: dict | None = None, probe_every: int | None = None,
              top_k: int = 1, sharpness_method: str = "auto", param_budget: float = 2e7, progress=False,
@@ -96,7 +111,8 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
     n = sum(int(np.prod(x.shape[1:])) for x in leaves)
     method = ("dense" if n <= DENSE_MAX_PARAMS else "lanczos") if sharpness_method == "auto" else sharpness_method
     every, grid, probe_steps = grids(n, N, B, probe_every, param_budget)
-    save = np.unique(np.concatenate([grid, grid + 1, [K, K + 1]]))
+    order = max(1, min(PERIOD_TWO_ORDER, N - K))  # a rod's half-vector from z_K .. z_{K+order}
+    save = np.unique(np.concatenate([grid, grid + 1, np.arange(K, K + order + 1)]))
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -125,13 +141,16 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
     live = ~diverged | (r.diverged_at > K + 1)
     if live.any():
         states = tuple(jax.tree.map(lambda x: x[:, pos[j]], s) for j in (K, K + 1) for s in (phase, slow))
+        rod_states = _period_two_states(states, [jax.tree.map(lambda x: x[:, pos[K + j]], phase)
+                                                 for j in range(order + 1)])
         stop = np.where(diverged, np.maximum(r.diverged_at, K) - 1.0, np.inf)
         for name in models:
             if name == "discrete":
                 continue
             say(progress, f"{name} flow: {B} configuration(s), steps {K}..{N - 1}")
             t = time.perf_counter()
-            fa = solve_batch(name, optimizer, loss_fn, states, np.arange(K, N), fgrid, stop,
+            starts = rod_states if flow_kind(resolve(name, optimizer)).period_two_start else states
+            fa = solve_batch(name, optimizer, loss_fn, starts, np.arange(K, N), fgrid, stop,
                              options=(flow_options or {}).get(name), config=(solver or {}).get(name),
                              progress=B == 1 and progress is True)
             timings[name] = time.perf_counter() - t

@@ -37,13 +37,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._discrete import init_carry, rollout_chunk, states_at
+from .._discrete import init_carry, rollout_chunk, states_at, window_at
 from .._errors import InputError
 from .._integrate import SolverConfig, default_solver, solve
 from .._resources import relieve_map_pressure
 from .._sharpness import optimizer_sharpness
 from ..flows import FLOW_KINDS, flow_kind
 from ..flows._registry import resolve
+from ..flows._rod import PERIOD_TWO_ORDER, period_two_endpoints
 from ..optimizers import AbstractOptimizer
 from ._estimators import DEFAULT_ESTIMATOR, DEFAULT_PAIRS, Estimate, EstimatorSettings, smoothed_estimate
 from ._spec import check_problem, differentiable, resolve_start
@@ -76,8 +77,15 @@ def _discrete_losses(optimizer, loss_fn, params0, num_steps):
 
 def _flow_losses(kind, optimizer, loss_fn, params0, num_steps, start_step, config, options):
     """Predicted losses at ``t = start_step .. N`` and the final centre and slow state (the solve kernel)."""
-    flow, y0 = flow_kind(kind).start(optimizer, loss_fn, *states_at(optimizer, loss_fn, params0, start_step),
-                                     **dict(options))
+    kind_ = flow_kind(resolve(kind, optimizer))  # "rod": the construction _default_rod_start would run
+    if kind_.period_two_start:  # the rod's half-vector from the iterates' period-2 part (flows/_rod.py)
+        window, sK, s1 = window_at(optimizer, loss_fn, params0, start_step,
+                                   max(1, min(PERIOD_TWO_ORDER, num_steps - start_step)))
+        z0, z1 = period_two_endpoints(window)
+        states = (z0, sK, z1, s1)
+    else:
+        states = states_at(optimizer, loss_fn, params0, start_step)
+    flow, y0 = kind_.start(optimizer, loss_fn, *states, **dict(options))
     dtype = jax.tree.leaves(y0)[0].dtype
     config = config or default_solver(flow, dtype, differentiable=True)  # explicit: see default_solver
     ts = jnp.arange(start_step, num_steps + 1).astype(dtype)
@@ -232,6 +240,8 @@ def hypergradient(loss_fn, params0, optimizer: AbstractOptimizer, num_steps: int
 
 def objective_value(loss_fn, params0, optimizer, num_steps, **kw) -> float:
     """The objective alone (for finite differences), jitted."""
+    if kw.get("model", "discrete") != "discrete":
+        kw["model"] = resolve(kw["model"], optimizer)  # as estimate_hypergradient: "rod" is a construction
     f = objective_fn(loss_fn, num_steps, **kw)
     return float(eqx.filter_jit(f)(optimizer, params0))
 

@@ -18,5 +18,7 @@ from ._registry import (
     make_flow as make_flow,
 )
 from ._rod import RodFlow as RodFlow, RodState as RodState, rod_flow as rod_flow
+from ._rod import PERIOD_TWO_ORDER as PERIOD_TWO_ORDER, period_two_endpoints as period_two_endpoints
+from ._rod import period_two_half as period_two_half
 from ._stable import StableFlow as StableFlow, StableState as StableState, stable_flow as stable_flow
 from ._second_order import SecondOrderFlow as SecondOrderFlow, second_order as second_order

@@ -33,6 +33,9 @@ class FlowKind:
     supports: Callable[[AbstractOptimizer], str | None] = _everywhere
     models_oscillation: bool = False  # whether its state carries the oscillation (a rod)
     predicts_variance: bool = False  # whether ``predicted_variance`` is a prediction (rods, central)
+    # whether the drivers start it from the iterates' period-2 part (z0, z1 replaced by
+    # ``period_two_endpoints`` of z_K .. z_{K+PERIOD_TWO_ORDER}; see flows/_rod.py)
+    period_two_start: bool = False
     description: str = ""
 
     def check(self, optimizer: AbstractOptimizer) -> None:
@@ -99,9 +102,9 @@ FLOWS: dict[str, FlowKind] = {
         FlowKind("rod", _default_rod_start, models_oscillation=True, predicts_variance=True,
                  description="two consecutive iterates as one rod, in the optimizer's default construction "
                              "(one of rod1, rod2, inertial, inertial2: metrics.json's `construction`)"),
-        FlowKind("rod1", rod_flow, models_oscillation=True, predicts_variance=True,
+        FlowKind("rod1", rod_flow, models_oscillation=True, predicts_variance=True, period_two_start=True,
                  description="the first-order rod flow (generator R - id)"),
-        FlowKind("rod2", _second(rod_flow), models_oscillation=True, predicts_variance=True,
+        FlowKind("rod2", _second(rod_flow), models_oscillation=True, predicts_variance=True, period_two_start=True,
                  description="the second-order rod flow (backward-error-corrected generator v - Dv[v]/2)"),
         FlowKind("central", _from_one_state(central_flow), _central.supports, predicts_variance=True,
                  description="the time-averaged iterate (Cohen et al. 2025)"),

@@ -23,21 +23,68 @@ The slow state's period-2 feed is exact by default: for ``s' = b s + (1-b) f(g)`
 alternating part of ``s'`` on a period-2 orbit is ``1/(1+b)`` of the naive endpoint value
 (``optimizer.slow_alternation()``), so each endpoint's step divides by
 ``mean + (own - mean)/(1 + b)``.
+
+*The initial half-vector.* ``r = (z_{K+1} - z_K)/2`` is half the step, drift included: where the
+valley curves, the iterates sit off its floor along the sharp direction by a smooth offset that
+moves with the drift, and the rod reads the offset's change as oscillation. Near the edge that
+component decays slowly (``|mu| ~ 1``) and seeds the instability far above the rounding level
+where the optimizer's own oscillation sits, so a rod started shortly before the edge fires its
+first catapult early (toy, GD, started 30 steps before the edge: 49 steps early for the
+second-order rod, 62 for the first-order one). :func:`period_two_half` takes the iterates'
+period-2 part instead, from ``z_K .. z_{K+n}``: the binomial alternating difference
+``r = sum_j (-1)^(j+1) C(n, j) z_{K+j} / 2^n``, which is ``(z_{K+1} - z_K)/2`` at ``n = 1``.
+A component that moves by ``m`` per step passes with gain ``-((1 - m)/2)^n``: a pure period-2
+oscillation (``m = -1``) exactly, a drifting one (``m ~ 1``) not at all, and a polynomial
+drift of degree below ``n`` is removed exactly. At ``n = 8`` (:data:`PERIOD_TWO_ORDER`) the
+toy's late start gets ``|r| = 7e-13`` instead of ``1e-2`` and fires 1 step early (second
+order); RMSProp and scalar RMSProp started before the edge move from 14 and 18 steps early to 7
+and 4 late (``benchmarks/period_two_start.py``). The drivers start the rods
+(:attr:`~rodflow_jax.flows.FlowKind.period_two_start`) from the rod with the iterates' midpoint
+as its centre and this half-vector (:func:`period_two_endpoints`); :func:`rod_flow` itself
+takes the two endpoints it is given.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, NamedTuple
+from math import comb
+from typing import ClassVar, NamedTuple, Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._tree import tree_add, tree_half_diff, tree_mean2, tree_norm, tree_stack2, tree_sub, tree_unstack2
 from ..optimizers import AbstractOptimizer, Phase, Slow
 from ._base import AbstractFlow, slow_scale
 
 _SIGNS = (1.0, -1.0)
+PERIOD_TWO_ORDER = 8  # iterates z_K .. z_{K+8} give a rod's initial half-vector (see the module)
+
+
+def period_two_weights(order: int) -> np.ndarray:
+    """``w_j = (-1)^(j+1) C(n, j) / 2^n``, ``j = 0..n``: ``sum_j w_j z_{K+j}`` is the period-2 part
+    of the iterates at ``K`` with the rod's sign (``n = 1``: ``(z_{K+1} - z_K)/2``)."""
+    if order < 1:
+        raise ValueError(f"the order must be at least 1, got {order}")
+    return np.array([(-1.0) ** (j + 1) * comb(order, j) for j in range(order + 1)]) / 2.0**order
+
+
+def period_two_half(window: Sequence):
+    """The period-2 part of consecutive iterates ``window = (z_K, ..., z_{K+n})`` (pytrees of one
+    structure; ``n = len(window) - 1``), by :func:`period_two_weights`."""
+    w = period_two_weights(len(window) - 1)
+    return jax.tree.map(lambda *xs: sum(float(wj) * x for wj, x in zip(w, xs)), *window)
+
+
+def period_two_endpoints(window: Sequence):
+    """``(c - r, c + r)`` with ``c = (z_K + z_{K+1})/2`` and ``r`` :func:`period_two_half` of
+    ``window``: the two states :func:`rod_flow` starts the rod with that centre and half-vector from.
+    At order 1 they are the two iterates themselves (bit for bit)."""
+    if len(window) == 2:
+        return window[0], window[1]
+    c, r = tree_mean2(window[0], window[1]), period_two_half(window)
+    return tree_sub(c, r), tree_add(c, r)
 
 
 class RodState(NamedTuple):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import tiny_mlp
 
-from rodflow_jax import integrate, make_flow, make_optimizer, run_discrete, sweep
+from rodflow_jax import PERIOD_TWO_ORDER, integrate, make_flow, make_optimizer, period_two_endpoints, run_discrete, sweep
 from rodflow_jax.cli import main
 
 LRS = [0.3, 1.0, 60.0]  # below the edge, at the edge, diverging
@@ -34,8 +34,10 @@ def _solo(lr, seed):
     loss_fn, p0 = make(seed)
     opt = make_optimizer("gd", learning_rate=lr)
     run = run_discrete(opt, loss_fn, p0, STEPS)
-    z0, s0 = run.state_at(0)
-    z1, s1 = run.state_at(1)
+    _, s0 = run.state_at(0)
+    _, s1 = run.state_at(1)
+    # the rods start from the iterates' period-2 part (rodflow_jax/flows/_rod.py)
+    z0, z1 = period_two_endpoints([run.state_at(j)[0] for j in range(PERIOD_TWO_ORDER + 1)])
     flow, y0 = make_flow("rod", opt, loss_fn, z0, s0, z1, s1)  # GD's default construction (rod2)
     return run, integrate(flow, y0, 0, STEPS - 1)
 
