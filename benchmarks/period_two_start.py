@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fidelity  # noqa: E402  (sets float64)
@@ -111,8 +112,11 @@ def summary(rows) -> str:
             rs = [r for r in rows if r["order"] == o and r["model"] == f and r["discrete_catapults"]]
             on = sum(bool(r["first_on_time"]) for r in rs)
             same = sum(r["count_difference"] == 0 for r in rs)
+            every = [r for r in rows if r["order"] == o and r["model"] == f and r["error_final"] is not None]
+            gm = lambda k: float(np.exp(np.mean([np.log(max(r[k], 1e-300)) for r in every])))  # noqa: E731
             lines.append(f"order {o}, {f}: first catapult on time in {on}/{len(rs)} runs that catapult, "
-                         f"same count in {same}/{len(rs)}")
+                         f"same count in {same}/{len(rs)}; final / max error (geometric mean over {len(every)} "
+                         f"runs) {gm('error_final'):.3g} / {gm('error_max'):.3g}")
     return "\n".join(lines)
 
 
