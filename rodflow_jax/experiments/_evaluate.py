@@ -25,7 +25,7 @@ from .._resources import relieve_map_pressure
 from .._sharpness import DENSE_MAX_PARAMS
 from ..flows import flow_kind
 from ..flows._registry import resolve
-from ..flows._rod import PERIOD_TWO_ORDER, period_two_endpoints
+from ..flows._rod import period_two_endpoints, period_two_order
 from ._engine import FlowArrays, ProbeArrays, _rows, probe_batch, rollout_batch, solve_batch
 from ._progress import say
 
@@ -111,7 +111,7 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
     n = sum(int(np.prod(x.shape[1:])) for x in leaves)
     method = ("dense" if n <= DENSE_MAX_PARAMS else "lanczos") if sharpness_method == "auto" else sharpness_method
     every, grid, probe_steps = grids(n, N, B, probe_every, param_budget)
-    order = max(1, min(PERIOD_TWO_ORDER, N - K))  # a rod's half-vector from z_K .. z_{K+order}
+    order = period_two_order(N - K)  # a rod's half-vector from z_K .. z_{K+order}
     save = np.unique(np.concatenate([grid, grid + 1, np.arange(K, K + order + 1)]))
     timings: dict[str, float] = {}
 
@@ -141,15 +141,19 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
     live = ~diverged | (r.diverged_at > K + 1)
     if live.any():
         states = tuple(jax.tree.map(lambda x: x[:, pos[j]], s) for j in (K, K + 1) for s in (phase, slow))
-        rod_states = _period_two_states(states, [jax.tree.map(lambda x: x[:, pos[K + j]], phase)
-                                                 for j in range(order + 1)])
+        rod_states = None  # built when the first model that starts from it needs it
         stop = np.where(diverged, np.maximum(r.diverged_at, K) - 1.0, np.inf)
         for name in models:
             if name == "discrete":
                 continue
             say(progress, f"{name} flow: {B} configuration(s), steps {K}..{N - 1}")
             t = time.perf_counter()
-            starts = rod_states if flow_kind(resolve(name, optimizer)).period_two_start else states
+            starts = states
+            if flow_kind(resolve(name, optimizer)).period_two_start:
+                if rod_states is None:
+                    rod_states = _period_two_states(states, [jax.tree.map(lambda x: x[:, pos[K + j]], phase)
+                                                             for j in range(order + 1)])
+                starts = rod_states
             fa = solve_batch(name, optimizer, loss_fn, starts, np.arange(K, N), fgrid, stop,
                              options=(flow_options or {}).get(name), config=(solver or {}).get(name),
                              progress=B == 1 and progress is True)

@@ -44,7 +44,7 @@ from .._resources import relieve_map_pressure
 from .._sharpness import optimizer_sharpness
 from ..flows import FLOW_KINDS, flow_kind
 from ..flows._registry import resolve
-from ..flows._rod import PERIOD_TWO_ORDER, period_two_endpoints
+from ..flows._rod import period_two_endpoints, period_two_order
 from ..optimizers import AbstractOptimizer
 from ._estimators import DEFAULT_ESTIMATOR, DEFAULT_PAIRS, Estimate, EstimatorSettings, smoothed_estimate
 from ._spec import check_problem, differentiable, resolve_start
@@ -79,8 +79,7 @@ def _flow_losses(kind, optimizer, loss_fn, params0, num_steps, start_step, confi
     """Predicted losses at ``t = start_step .. N`` and the final centre and slow state (the solve kernel)."""
     kind_ = flow_kind(resolve(kind, optimizer))  # "rod": the construction _default_rod_start would run
     if kind_.period_two_start:  # the rod's half-vector from the iterates' period-2 part (flows/_rod.py)
-        window, sK, s1 = window_at(optimizer, loss_fn, params0, start_step,
-                                   max(1, min(PERIOD_TWO_ORDER, num_steps - start_step)))
+        window, sK, s1 = window_at(optimizer, loss_fn, params0, start_step, period_two_order(num_steps - start_step))
         z0, z1 = period_two_endpoints(window)
         states = (z0, sK, z1, s1)
     else:

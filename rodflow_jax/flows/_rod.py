@@ -37,8 +37,8 @@ A component that moves by ``m`` per step passes with gain ``-((1 - m)/2)^n``: a 
 oscillation (``m = -1``) exactly, a drifting one (``m ~ 1``) not at all, and a polynomial
 drift of degree below ``n`` is removed exactly. At ``n = 8`` (:data:`PERIOD_TWO_ORDER`) the
 toy's late start gets ``|r| = 7e-13`` instead of ``1e-2`` and fires 1 step early (second
-order); RMSProp and scalar RMSProp started before the edge move from 14 and 18 steps early to 7
-and 4 late (``benchmarks/period_two_start.py``). The drivers start the rods
+order); RMSProp and scalar RMSProp started before the edge move from 19 and 17 steps early to 6
+and 12 late (``benchmarks/period_two_start.py``). The drivers start the rods
 (:attr:`~rodflow_jax.flows.FlowKind.period_two_start`) from the rod with the iterates' midpoint
 as its centre and this half-vector (:func:`period_two_endpoints`); :func:`rod_flow` itself
 takes the two endpoints it is given.
@@ -60,6 +60,12 @@ from ._base import AbstractFlow, slow_scale
 
 _SIGNS = (1.0, -1.0)
 PERIOD_TWO_ORDER = 8  # iterates z_K .. z_{K+8} give a rod's initial half-vector (see the module)
+
+
+def period_two_order(steps_left: int) -> int:
+    """The order used when ``steps_left`` iterates follow ``z_K`` in the run: at most
+    :data:`PERIOD_TWO_ORDER`, at least 1 (the two iterates' half difference)."""
+    return max(1, min(PERIOD_TWO_ORDER, int(steps_left)))
 
 
 def period_two_weights(order: int) -> np.ndarray:

@@ -39,15 +39,15 @@ def two_iterate_start(monkeypatch):
     """The goldens predate the rods' period-2 start (flows/_rod.py): at order 1, the half
     difference of the two iterates, the engine must reproduce them. Caches cleared on both
     sides, so no program traced at the other order is reused."""
-    from rodflow_jax.experiments import _evaluate, _hypergrad
+    from rodflow_jax.experiments import _hypergrad
+    from rodflow_jax.flows import _rod
 
     def clear():
         jax.clear_caches()
         _hypergrad.objective_fn.cache_clear()
 
     clear()
-    monkeypatch.setattr(_evaluate, "PERIOD_TWO_ORDER", 1)
-    monkeypatch.setattr(_hypergrad, "PERIOD_TWO_ORDER", 1)
+    monkeypatch.setattr(_rod, "PERIOD_TWO_ORDER", 1)  # read by period_two_order in every driver
     yield
     clear()
 
