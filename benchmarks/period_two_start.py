@@ -40,10 +40,11 @@ CELLS = ["toy:gd", "toy:rmsprop", "toy:scalar_rmsprop", "toy:nesterov", "deep-li
 
 
 def run(cell: str, orders, models, steps=None):
-    pname, name = cell.split(":")
+    pname, name, *momentum = cell.split(":")  # problem:optimizer[:momentum], as the grid's rows
     problem = rf.get_problem(pname)
     loss_fn, params0 = problem.make(0)
-    opt, hp = fidelity.make_cell_optimizer(problem, name)
+    overrides = fidelity.momentum_overrides(problem, name, float(momentum[0])) if momentum else None
+    opt, hp = fidelity.make_cell_optimizer(problem, name, overrides)
     steps = steps or problem.default_steps
     kw = dict(probe_every=max(1, steps // 50))
     K0 = rf.default_start_step(opt)
@@ -127,7 +128,8 @@ def _signed(x):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cells", default=",".join(CELLS), help="comma list of problem:optimizer")
+    ap.add_argument("--cells", default=",".join(CELLS),
+                    help="comma list of problem:optimizer or problem:optimizer:momentum (the grid's momentum rows)")
     ap.add_argument("--orders", default=f"1,{PERIOD_TWO_ORDER}")
     ap.add_argument("--models", default="rod,rod1")
     ap.add_argument("--steps", type=int, default=None)
