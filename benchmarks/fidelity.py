@@ -334,13 +334,16 @@ CONSTRUCTIONS = ("rod1", "rod2", "inertial", "inertial2")
 
 def by_construction(rows) -> dict:
     """``{(problem, optimizer, hyperparameters, start): {construction: metrics}}`` over every
-    file's rows (a later row of the same cell and construction wins)."""
+    file's rows (a later row of the same cell and construction wins); ``"row"`` is the cell's
+    first row that ran the stable flow (else its first row)."""
     cells: dict = {}
     keys = ("error_final", "error_max", "catapult_steps", "catapult_count_difference",
             "first_catapult_timing_error", "catapult_mean_timing_error", "solver_steps", "wall_s", "failed_at",
             "message")
     for r in rows:
         cell = cells.setdefault(_cell_key(r) + (r["start"],), {"row": r})
+        if cell["row"].get("stable_error_final") is None and r.get("stable_error_final") is not None:
+            cell["row"] = r  # the cell's row is one with the stable flow (a pass may have run only rods)
         for flow in ("rod", *CONSTRUCTIONS):
             if r.get(f"{flow}_error_final", "absent") == "absent":
                 continue
