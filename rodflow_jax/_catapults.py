@@ -26,7 +26,10 @@ divergence itself, not a catapult: it is dropped.
 positive is used as it is (``floor = 0``); otherwise (the ``toy`` problem's tilt makes its
 loss negative near its minimum) ``floor = min L - 0.01 (max L - min L)``, so the lowest point
 counts as 1 % of the run's range above the floor and a spike from there must rise by 0.5 % of
-the range (at ``rise = 1.5``). Pass ``floor`` to compare runs on one scale.
+the range (at ``rise = 1.5``). Pass ``floor`` to compare runs on one scale: ``metrics.json``
+measures a flow's spikes from the discrete run's floor (or the flow's own where it goes below
+it; ``rodflow_jax.experiments._records.flow_floor``), since a flow's range from its start step is
+not the run's from step 0.
 
 **Sharpness drop.** With a sharpness trajectory (probed on any grid, NaN where not probed or
 diverged), a spike starting at step ``s`` is kept only if
