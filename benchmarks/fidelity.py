@@ -189,8 +189,8 @@ def summarise(problem, name, hp, cmp, start_kind, wall, osc):
     if "inertial" in m:
         row["inertial_amplitude"] = _window_mean(t.get("inertial_half_norm", nan), late)
         row["inertial_alternating_amplitude_ratio"] = _ratio(row["inertial_amplitude"], osc["discrete_alternating_amplitude"])
-        row["stable_inertial_error_ratio_final"] = _ratio(row["stable_error_final"], row["inertial_error_final"])
-        row["rod_inertial_error_ratio_final"] = _ratio(row["rod_error_final"], row["inertial_error_final"])
+        row["stable_inertial_error_ratio_final"] = _ratio(row.get("stable_error_final"), row["inertial_error_final"])
+        row["rod_inertial_error_ratio_final"] = _ratio(row.get("rod_error_final"), row["inertial_error_final"])
     if "central" in m:
         row["central_rod_error_ratio_final"] = _ratio(row["central_error_final"], row["rod_error_final"])
         for flow in ("rod", "central"):
