@@ -48,7 +48,7 @@ def test_endpoints_keep_the_centre():
 @pytest.mark.slow
 def test_a_rod_started_before_the_edge_fires_its_first_catapult_on_time():
     """The toy's GD run, started 30 steps before the edge: with r = (z_{K+1} - z_K)/2 the
-    second-order rod fired 49 steps early (its drift seeded the instability at 2e-8 instead of
+    second-order rod fired 48 steps early (its drift seeded the instability at 2e-8 instead of
     rounding level); from the period-2 part it fires within 3 % of the discrete run."""
     p = rf.get_problem("toy")
     loss, p0 = p.make(0)
