@@ -179,6 +179,11 @@ def inertial_flow(
     second-order difference. The inertial stable flow starts at the same centre and velocity
     with ``rho = 0`` (so it is exactly the inertial rod flow's ``rho -> 0`` limit); both count
     steps from half a step after ``s0``, as the rod does.
+
+    The rods' period-2 start (``rho_j`` from the iterates' period-2 part of order 8, ``flows/_rod.py``)
+    was tried here and dropped: on toy heavy ball and mlp-digits heavy ball and Nesterov at
+    momentum 0.9 it made the geometric-mean final error 0.366 -> 0.508 and moved no first
+    catapult onto time (``benchmarks/period_two_start.py --models inertial``, 600 steps).
     """
     check_inertial(optimizer)
     grad = jax.grad(loss_fn)
