@@ -182,8 +182,8 @@ def inertial_flow(
 
     The rods' period-2 start (``rho_j`` from the iterates' period-2 part of order 8, ``flows/_rod.py``)
     was tried here and dropped: on toy heavy ball and mlp-digits heavy ball and Nesterov at
-    momentum 0.9 it made the geometric-mean final error 0.366 -> 0.508 and moved no first
-    catapult onto time (``benchmarks/period_two_start.py --models inertial``, 600 steps).
+    momentum 0.9 it made the geometric-mean final error 0.366 -> 0.508, and every first catapult
+    was on time with either start (``benchmarks/period_two_start.py --models inertial``, 600 steps).
     """
     check_inertial(optimizer)
     grad = jax.grad(loss_fn)
