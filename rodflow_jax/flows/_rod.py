@@ -29,16 +29,16 @@ valley curves, the iterates sit off its floor along the sharp direction by a smo
 moves with the drift, and the rod reads the offset's change as oscillation. Near the edge that
 component decays slowly (``|mu| ~ 1``) and seeds the instability far above the rounding level
 where the optimizer's own oscillation sits, so a rod started shortly before the edge fires its
-first catapult early (toy, GD, started 30 steps before the edge: 49 steps early for the
-second-order rod, 62 for the first-order one). :func:`period_two_half` takes the iterates'
+first catapult early (toy, GD, started 30 steps before the edge: 48 steps early for the
+second-order rod, 61 for the first-order one). :func:`period_two_half` takes the iterates'
 period-2 part instead, from ``z_K .. z_{K+n}``: the binomial alternating difference
 ``r = sum_j (-1)^(j+1) C(n, j) z_{K+j} / 2^n``, which is ``(z_{K+1} - z_K)/2`` at ``n = 1``.
 A component that moves by ``m`` per step passes with gain ``-((1 - m)/2)^n``: a pure period-2
 oscillation (``m = -1``) exactly, a drifting one (``m ~ 1``) not at all, and a polynomial
 drift of degree below ``n`` is removed exactly. At ``n = 8`` (:data:`PERIOD_TWO_ORDER`) the
-toy's late start gets ``|r| = 7e-13`` instead of ``1e-2`` and fires 1 step early (second
-order); RMSProp and scalar RMSProp started before the edge move from 19 and 17 steps early to 6
-and 12 late (``benchmarks/period_two_start.py``). The drivers start the rods
+toy's late start gets ``|r| = 7e-13`` instead of ``1e-2`` and fires on the step (second
+order; the first-order rod 15 early); toy RMSProp and scalar RMSProp started before the edge move
+from 15 and 13 steps early to 9 and 15 late (``benchmarks/period_two_start.py``). The drivers start the rods
 (:attr:`~rodflow_jax.flows.FlowKind.period_two_start`) from the rod with the iterates' midpoint
 as its centre and this half-vector (:func:`period_two_endpoints`); :func:`rod_flow` itself
 takes the two endpoints it is given.
