@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -61,7 +60,7 @@ def run(cell: str, deltas, seeds: int, steps: int):
     onset = base["eos_onset_step"]
     K = K0  # the grid's targets use each cell's pre-edge start where it has one
     if onset is not None and not momentum:
-        K = max(K0, onset - int(math.ceil(fidelity.PRE_EDGE * steps)))
+        K = fidelity.pre_edge_start(K0, onset, steps)
         K = K if K0 < K <= steps - 2 else K0
     ref = [k for k in base["discrete"]["catapult_steps"] if k >= K]
     rows = []

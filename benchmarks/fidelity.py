@@ -50,6 +50,12 @@ FAMILIES = {
 PRE_EDGE = 0.05  # the pre-edge start sits this fraction of the run before the onset
 
 
+def pre_edge_start(default_start: int, onset: int, steps: int) -> int:
+    """The grid's pre-edge start: ``PRE_EDGE * steps`` before the discrete onset, not before the
+    default start."""
+    return max(default_start, onset - int(math.ceil(PRE_EDGE * steps)))
+
+
 def make_cell_optimizer(problem, name, overrides=None):
     hp = {"learning_rate": problem.learning_rates[name], **problem.hyperparameters.get(name, {})}
     hp.update(overrides or {})
@@ -216,7 +222,7 @@ def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "p
         cmps["default"], walls["default"] = first, time.perf_counter() - t
     onset = first.metrics["eos_onset_step"]
     if "pre_edge" in starts and onset is not None:
-        K = max(K0, onset - int(math.ceil(PRE_EDGE * steps)))
+        K = pre_edge_start(K0, onset, steps)
         if (K > K0 or "default" not in starts) and K <= steps - 2:
             t = time.perf_counter()
             cmps["pre_edge"] = rf.compare(loss_fn, params0, opt, steps, start_step=K, models=models, **kw)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -52,7 +51,7 @@ def run(cell: str, orders, models, steps=None):
     onset, disc = base["eos_onset_step"], base["discrete"]["catapult_steps"]
     starts = {"default": K0}
     if onset is not None:
-        K = max(K0, onset - int(math.ceil(fidelity.PRE_EDGE * steps)))
+        K = fidelity.pre_edge_start(K0, onset, steps)
         if K > K0 and K <= steps - 2:
             starts["pre_edge"] = K
     rows = []

@@ -28,8 +28,8 @@ loss negative near its minimum) ``floor = min L - 0.01 (max L - min L)``, so the
 counts as 1 % of the run's range above the floor and a spike from there must rise by 0.5 % of
 the range (at ``rise = 1.5``). Pass ``floor`` to compare runs on one scale: ``metrics.json``
 measures a flow's spikes from the discrete run's floor (or the flow's own where it goes below
-it; ``rodflow_jax.experiments._records.flow_floor``), since a flow's range from its start step is
-not the run's from step 0.
+it; :func:`reference_floor`), since a flow's range from its start step is not the run's from
+step 0.
 
 **Sharpness drop.** With a sharpness trajectory (probed on any grid, NaN where not probed or
 diverged), a spike starting at step ``s`` is kept only if
@@ -78,6 +78,17 @@ def loss_floor(loss) -> float:
     lo, hi = float(x.min()), float(x.max())
     span = hi - lo if hi > lo else max(abs(lo), 1.0)
     return lo - 0.01 * span
+
+
+def reference_floor(reference_loss, model_loss) -> float:
+    """The floor a model's spikes are measured from to be compared with a reference run's: the
+    reference's (:func:`loss_floor`), or the model's own where the model goes below it. The ratio
+    rule is not scale-free for a loss that goes negative: from a floor of its own, set by its
+    range from a later start instead of the reference's whole run, a model's spikes would not be
+    the events the reference's are."""
+    floor = loss_floor(reference_loss)
+    own = finite_prefix(model_loss)
+    return floor if own.size == 0 or own.min() > floor else loss_floor(own)
 
 
 def _spikes(x: np.ndarray, steps: np.ndarray, rise: float, merge: float) -> list[tuple[int, int | None]]:

@@ -13,6 +13,7 @@ from rodflow_jax._catapults import (
     first_on_time,
     loss_floor,
     match_catapults,
+    reference_floor,
     sharpness_drop,
 )
 
@@ -101,8 +102,6 @@ def test_a_flow_is_measured_on_the_discrete_runs_scale():
     """A flow from step K whose loss equals the discrete run's fires the same catapults after K:
     on a negative loss its floor is the discrete run's, not one set by its own (smaller) range,
     from which the first small wiggle starts a spike that the catapults never let end."""
-    from rodflow_jax.experiments._records import flow_floor
-
     k = np.arange(600, dtype=float)
     wiggles = sum(_bump(k, c, 5e-4, 2.0) for c in range(120, 600, 40))
     loss = 0.6 * np.exp(-k / 10.0) - 1e-3 + wiggles + sum(_bump(k, c, 4e-3, 3.0) for c in range(140, 600, 40))
@@ -110,13 +109,13 @@ def test_a_flow_is_measured_on_the_discrete_runs_scale():
     reference = [s for s in detect_catapults(loss) if s >= K]
     assert len(reference) == 12
     tail = loss[K:]
-    assert flow_floor(loss, tail) == loss_floor(loss)
-    np.testing.assert_array_equal(detect_catapults(tail, k[K:], floor=flow_floor(loss, tail)), reference)
+    assert reference_floor(loss, tail) == loss_floor(loss)
+    np.testing.assert_array_equal(detect_catapults(tail, k[K:], floor=reference_floor(loss, tail)), reference)
     assert list(detect_catapults(tail, k[K:])) == [116]  # its own floor: one spike, from the first wiggle
     # a flow below the run's floor is measured from its own
     low = tail - 0.05
-    assert flow_floor(loss, low) == loss_floor(low) < loss_floor(loss)
-    assert flow_floor(loss + 1.0, tail + 1.0) == 0.0  # a positive loss: 0, as before
+    assert reference_floor(loss, low) == loss_floor(low) < loss_floor(loss)
+    assert reference_floor(loss + 1.0, tail + 1.0) == 0.0  # a positive loss: 0, as before
 
 
 def _sharpness_with_one_drop(coarse=10):

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from .. import _metrics as M
-from .._catapults import detect_catapults, finite_prefix, loss_floor, match_catapults
+from .._catapults import detect_catapults, match_catapults, reference_floor
 
 MEAN_FRACTION = 0.2
 
@@ -117,17 +117,6 @@ def catapults(loss, steps, eig, probe_steps, floor: float | None = None) -> list
     return [int(k) for k in detect_catapults(loss, steps, sharpness=sharp, sharpness_steps=probe_steps, floor=floor)]
 
 
-def flow_floor(discrete_avg_loss, flow_loss) -> float:
-    """The level a flow's spikes are measured from: the discrete run's (``loss_floor``: 0 for a
-    positive loss), or the flow's own where the flow goes below it. The ratio rule is not
-    scale-free for a loss that goes negative (the toy problem): measured from a floor of its own,
-    set by the flow's range from K instead of the run's from step 0, a flow's spikes would not be
-    the events the discrete run's are."""
-    floor = loss_floor(discrete_avg_loss)
-    own = finite_prefix(flow_loss)
-    return floor if own.size == 0 or own.min() > floor else loss_floor(own)
-
-
 def discrete_catapults(ev, i: int) -> list[int]:
     return catapults(ev.avg_loss[i], np.arange(ev.num_steps), ev.probes.eigenvalues[i], ev.probe_steps)
 
@@ -178,7 +167,7 @@ def flow_record(ev, name: str, i: int) -> FlowRecord:
         edge = ev.flow_grid >= (onset if onset is not None else N)
         amp2 = M.moving_average(ev.amplitude[i][ev.flow_grid] ** 2)
         vwin = M.windowed_log_loss_error(f.arrays.variance[i][edge], amp2[edge], window=max(1, 50 // ev.every))
-    cat = catapults(loss, ts, f.probes.eigenvalues[i], f.probe_steps, floor=flow_floor(ev.avg_loss[i], loss))
+    cat = catapults(loss, ts, f.probes.eigenvalues[i], f.probe_steps, floor=reference_floor(ev.avg_loss[i], loss))
     ref = [k for k in discrete_catapults(ev, i) if k >= K]
     match = match_catapults(ref, cat)
     return FlowRecord(
