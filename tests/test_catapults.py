@@ -141,6 +141,24 @@ def test_a_spike_without_a_sharpness_drop_is_rejected():
         detect_catapults(loss, sharpness=sharp)  # 100 probes for 1000 steps need their steps
 
 
+def test_a_spike_between_sparse_probes_keeps_its_sharpness_drop():
+    """Probes every 30 steps (a 1,500-step ``compare``'s default) and a spike starting at 116:
+    no probe lies in the 25 steps before it, so the windows widen to the probe spacing. (Seen on
+    a tanh network: the run's largest catapult, sharpness 7.65 -> 5.16, was dropped.)"""
+    k = np.arange(600, dtype=float)
+    loss = 0.05 * np.exp(-k / 300.0) * (1.0 + _bump(k, 127, 30.0) + _bump(k, 397, 30.0))
+    found = detect_catapults(loss)
+    assert list(found) == [116, 386]
+    ss = np.arange(0, 600, 30)
+    sharp = np.where((ss > 116) & (ss < 240), 5.2, 7.6) * np.where((ss > 386) & (ss < 480), 0.7, 1.0)
+    assert sharpness_drop(116, sharp, ss) == pytest.approx(1 - 5.2 / 7.6)
+    np.testing.assert_array_equal(detect_catapults(loss, sharpness=sharp, sharpness_steps=ss), found)
+    # a fine grid keeps the 25-step window: the probe 30 steps before is outside it
+    fine = np.arange(0, 600, 5)
+    step_drop = np.where(fine == 90, 7.6, np.where((fine > 116) & (fine < 240), 5.2, 5.25))
+    assert sharpness_drop(116, step_drop, fine) == pytest.approx(1 - 5.2 / 5.25)
+
+
 def test_steps_are_reported_in_step_units():
     k, loss = _valley()
     found = detect_catapults(loss)
