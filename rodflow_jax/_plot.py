@@ -14,6 +14,7 @@ COLORS = {
     "rod": "tab:red",
     "rod1": "tab:orange",
     "rod2": "tab:brown",
+    "rod2_plain": "tab:olive",
     "central": "tab:green",
     "inertial": "tab:purple",
     "inertial2": "tab:pink",

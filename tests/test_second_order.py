@@ -67,6 +67,25 @@ def test_r_mode_growth_is_second_order_on_a_quadratic():
     assert np.all(errs[:, 1] < 0)  # 1 + eps - eps^3/3 + ...: just below the rod map
 
 
+def test_exact_growth_makes_a_growing_r_mode_exact_and_leaves_the_rest_second_order():
+    """``rod2`` (``exact_growth``): the growing r-mode moves by exactly ``1 + eps`` per unit time,
+    also far past the edge where ``q`` turns over (``eps = 1.5``: plain ``exp(0.375) = 1.45``
+    against the map's 2.5); a decaying r-mode (``eps < 0``) and the centre modes keep the plain
+    second-order rates."""
+    for eps in (0.2, 0.6, 1.5):
+        rod, y = _quadratic_rod(eps)
+        exact = _unit_map(second_order(rod, exact_growth=True), y)
+        assert float(exact.half.params["w"][0]) == pytest.approx(1.0 + eps, rel=1e-9)
+        plain = _unit_map(second_order(rod), y)
+        np.testing.assert_allclose(np.asarray(exact.centre.params["w"]), np.asarray(plain.centre.params["w"]),
+                                   rtol=1e-9, atol=1e-12)
+    assert float(plain.half.params["w"][0]) == pytest.approx(np.exp(1.5 - 1.5**2 / 2), rel=1e-9)
+    for eps in (-0.2, -0.6):  # eta lam = 1.8, 1.4: the flipped r-multiplier 0.8, 0.4
+        rod, y = _quadratic_rod(eps)
+        r = float(_unit_map(second_order(rod, exact_growth=True), y).half.params["w"][0])
+        assert r == pytest.approx(np.exp(eps - eps**2 / 2), rel=1e-9)
+
+
 def test_centre_modes_move_at_the_second_order_rate():
     """Along a slow direction the rod map multiplies the centre by ``1 - x`` (``x = eta lam``),
     the flows by ``exp(-x)`` and ``exp(-x - x^2/2)``."""
@@ -94,7 +113,11 @@ def test_rod_orientation_symmetry_and_zero_half_vector(optimizer_name):
     is the corrected stable flow (``r = 0`` stays invariant)."""
     opt, loss, z0, s0, z1, s1 = _start(optimizer_name)
     rod, y = rf.rod_flow(opt, loss, z0, s0, z1, s1)
-    f = second_order(rod)
+    for f in (second_order(rod), second_order(rod, exact_growth=True)):
+        _check_symmetry_and_zero_half_vector(f, rod, opt, loss, z0, s0, s1, y)
+
+
+def _check_symmetry_and_zero_half_vector(f, rod, opt, loss, z0, s0, s1, y):
     a = _field(f, y)
     b = _field(f, RodState(y.centre, jax.tree.map(jnp.negative, y.half), y.slow))
     np.testing.assert_allclose(flat(a.centre), flat(b.centre), rtol=1e-10, atol=1e-14)

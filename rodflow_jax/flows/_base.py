@@ -78,6 +78,10 @@ class AbstractFlow(eqx.Module):
         hold the half-vector to its own absolute tolerance (``SolverConfig.half_atol``)."""
         return y
 
+    def oscillation(self, y):
+        """``y`` with everything but its oscillation part set to zero (a tree like ``y``)."""
+        return jax.tree.map(jnp.subtract, y, self.scale_oscillation(y, 0.0))
+
     def scaled(self, slow: Slow) -> Slow:
         return _apply(slow, self.scale, jnp.divide)
 

@@ -55,17 +55,18 @@ def _inertial_start(rod: bool):
     )
 
 
-def _second(start):
-    """The second-order (backward-error-corrected) version of a flow's start."""
+def _second(start, exact_growth: bool = True):
+    """The second-order (backward-error-corrected) version of a flow's start, with the growth
+    along its oscillation made exact (``exact_growth``, the default) or not (``rod2_plain``)."""
 
     def corrected(*args, **kw):
         flow, y0 = start(*args, **kw)
-        return second_order(flow), y0
+        return second_order(flow, exact_growth=exact_growth), y0
 
     return corrected
 
 
-ROD_CONSTRUCTIONS = ("rod1", "rod2", "inertial", "inertial2")
+ROD_CONSTRUCTIONS = ("rod1", "rod2", "inertial", "inertial2")  # the four a default can be
 
 
 def default_construction(optimizer: AbstractOptimizer) -> str:
@@ -105,7 +106,10 @@ FLOWS: dict[str, FlowKind] = {
         FlowKind("rod1", rod_flow, models_oscillation=True, predicts_variance=True, period_two_start=True,
                  description="the first-order rod flow (generator R - id)"),
         FlowKind("rod2", _second(rod_flow), models_oscillation=True, predicts_variance=True, period_two_start=True,
-                 description="the second-order rod flow (backward-error-corrected generator v - Dv[v]/2)"),
+                 description="the second-order rod flow (backward-error-corrected generator v - Dv[v]/2, "
+                             "its growth along r exact)"),
+        FlowKind("rod2_plain", _second(rod_flow, exact_growth=False), models_oscillation=True, predicts_variance=True,
+                 period_two_start=True, description="rod2 without the exact growth along r (the ablation)"),
         FlowKind("central", _from_one_state(central_flow), _central.supports, predicts_variance=True,
                  description="the time-averaged iterate (Cohen et al. 2025)"),
         FlowKind("inertial", _inertial_start(True), _inertial.supports, models_oscillation=True,
