@@ -335,7 +335,31 @@ def construction_of(row, flow: str) -> str:
     return (row.get(f"{flow}_construction") or "rod1") if flow == "rod" else flow
 
 
-CONSTRUCTIONS = ("rod1", "rod2", "inertial", "inertial2")
+CONSTRUCTIONS = ("rod1", "rod2", "rod2_plain", "inertial", "inertial2")
+
+
+def relabel(row, old: str, new: str) -> dict:
+    """``row`` with the construction ``old`` read as ``new`` (its ``old_*`` keys, and a ``rod`` that
+    ran ``old``): rows saved before a construction changed keep their meaning
+    (``--table-from FILE:rod2=rod2_plain``: ``rod2`` before the exact growth along ``r``)."""
+    out = {}
+    for k, v in row.items():
+        if k.startswith(old + "_") and not k.startswith(new + "_"):
+            k = new + k[len(old):]
+        out[k] = v
+    if out.get("rod_construction") == old:
+        out["rod_construction"] = new
+    return out
+
+
+def load_rows(spec: str) -> list[dict]:
+    """The rows of ``FILE`` or ``FILE:OLD=NEW[,OLD=NEW]`` (see :func:`relabel`)."""
+    path, _, labels = spec.partition(":") if ":" in spec and "=" in spec.rsplit(":", 1)[1] else (spec, "", "")
+    rows = json.loads(Path(path).read_text())
+    for pair in filter(None, labels.split(",")):
+        old, new = pair.split("=")
+        rows = [relabel(r, old, new) for r in rows]
+    return rows
 
 
 def by_construction(rows) -> dict:
@@ -617,13 +641,14 @@ def main(argv=None):
     ap.add_argument("--starts", default=None, help="comma list of default,pre_edge (default: both)")
     ap.add_argument("--models", default="discrete,stable,rod", help="comma list; add inertial,inertial_stable (momentum methods) or central")
     ap.add_argument("--momentum", type=float, default=None, help="override heavy ball/Nesterov momentum (e.g. 0.9)")
-    ap.add_argument("--table-from", nargs="+", default=None, help="print the table from JSON files, run nothing")
+    ap.add_argument("--table-from", nargs="+", default=None,
+                    help="print the table from JSON files, run nothing (FILE:rod2=rod2_plain reads a file's rod2 as rod2_plain)")
     ap.add_argument("--probe-every", type=int, default=None, help="sharpness probe interval (default: steps // 50)")
     ap.add_argument("--jobs", type=int, default=1, help="cells run in this many worker processes (default 1)")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
     if args.table_from:
-        rows = [_as_rod1(r) for f in args.table_from for r in json.loads(Path(f).read_text())]
+        rows = [_as_rod1(r) for f in args.table_from for r in load_rows(f)]
         print(markdown_table(rows))
         print("\n" + summary_counts(rows))
         if any("central_error_final" in r for r in rows):

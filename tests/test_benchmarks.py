@@ -61,3 +61,23 @@ def test_scaling_tiny(tmp_path):
     assert d["count_checks"] and all(c["ok"] for c in d["count_checks"]), d["count_checks"]
     assert set(d["slopes"]["float32"]["mlp"]) == {"discrete", "stable", "rod", "inertial", "probe"}  # None at one size
     assert d["ten_minute_compare"]["float32"]["compiled"]["largest_params"] > 0
+
+
+def test_fidelity_tables_relabel_a_construction(tmp_path):
+    """``--table-from FILE:rod2=rod2_plain`` reads rows saved before ``rod2`` changed as the plain
+    construction, so a rerun's ``rod2`` rows and the old ones are told apart."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fidelity_bench", ROOT / "benchmarks" / "fidelity.py")
+    fid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fid)
+    row = {"problem": "toy", "optimizer": "gd", "rod2_error_final": 0.5, "rod_construction": "rod2",
+           "rod_error_final": 0.5, "rod1_error_final": 0.9}
+    out = fid.relabel(row, "rod2", "rod2_plain")
+    assert out["rod2_plain_error_final"] == 0.5
+    assert "rod2_error_final" not in out and out["rod_construction"] == "rod2_plain"
+    assert out["rod1_error_final"] == 0.9 and out["rod_error_final"] == 0.5
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"problem": "toy", "rod2_catapult_steps": [3]}]))
+    assert fid.load_rows(f"{path}:rod2=rod2_plain") == [{"problem": "toy", "rod2_plain_catapult_steps": [3]}]
+    assert fid.load_rows(str(path)) == [{"problem": "toy", "rod2_catapult_steps": [3]}]
