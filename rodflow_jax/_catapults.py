@@ -123,7 +123,8 @@ def sharpness_drop(step, sharpness, sharpness_steps, window=WINDOW) -> float:
     (NaN where either window has none); ``before`` and ``after`` are at least the probe spacing."""
     s = np.asarray(sharpness, float).ravel()
     t = np.asarray(sharpness_steps, float).ravel()
-    spacing = float(np.median(np.diff(np.unique(t)))) if np.unique(t).size > 1 else 0.0
+    grid = np.unique(t)
+    spacing = float(np.median(np.diff(grid))) if grid.size > 1 else 0.0
     before, after = (max(float(w), spacing) for w in window)
     pre = s[(t >= step - before) & (t <= step) & np.isfinite(s)]
     post = s[(t >= step) & (t <= step + after) & np.isfinite(s)]
