@@ -194,3 +194,15 @@ def test_user_problem_default_function_missing(tmp_path):
     path = _write(tmp_path, "def other(seed):\n    return None\n", name="nomake.py")
     with pytest.raises(InputError, match=r"defines no function 'make'"):
         load_user_problem(path)
+
+
+@pytest.mark.parametrize("c_in,c_out,size", [(1, 8, 8), (3, 5, 4)])
+def test_cnn_patch_matmul_conv_is_the_library_convolution(c_in, c_out, size):
+    from rodflow_jax.problems._digits import _conv
+
+    kx, kw, kb = jax.random.split(jax.random.PRNGKey(7), 3)
+    x = jax.random.normal(kx, (2, size, size, c_in))
+    w = jax.random.normal(kw, (3, 3, c_in, c_out))  # not symmetric: a transposed kernel fails
+    b = jax.random.normal(kb, (c_out,))
+    ref = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+    np.testing.assert_allclose(_conv(x, w, b), ref, rtol=1e-12, atol=1e-12)
