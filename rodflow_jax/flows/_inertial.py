@@ -50,7 +50,7 @@ import numpy as np
 from .._errors import InputError
 from .._tree import tree_add, tree_mean2, tree_norm, tree_stack2, tree_sub, tree_unstack2, tree_zeros_like
 from ..optimizers import AbstractMomentumMethod, AbstractOptimizer, Phase, Slow
-from ._base import AbstractFlow, slow_scale
+from ._base import AbstractFlow, over_endpoints, slow_scale
 
 
 class InertialState(NamedTuple):
@@ -136,7 +136,7 @@ class InertialRodFlow(AbstractInertialFlow):
         spread = jax.tree.map(lambda r, u: 2.0 * r - u, rho, ur)
         ends = tree_stack2(tree_add(c, rho), tree_sub(c, rho))
         vels = tree_stack2(tree_add(uc, spread), tree_sub(uc, spread))
-        new_v, new_slows = jax.vmap(lambda w, v: self._velocity_step(w, v, slow))(ends, vels)
+        new_v, new_slows = over_endpoints(lambda w, v: self._velocity_step(w, v, slow), ends, vels)
         plus, minus = tree_unstack2(new_v)
         new_ur = jax.tree.map(lambda r, a, b: -2.0 * r - 0.5 * (a - b), rho, plus, minus)
         new_slow = jax.tree.map(lambda x: jnp.mean(x, axis=0), new_slows)

@@ -56,7 +56,7 @@ import numpy as np
 
 from .._tree import tree_add, tree_half_diff, tree_mean2, tree_norm, tree_stack2, tree_sub, tree_unstack2
 from ..optimizers import AbstractOptimizer, Phase, Slow
-from ._base import AbstractFlow, slow_scale
+from ._base import AbstractFlow, over_endpoints, slow_scale
 
 _SIGNS = (1.0, -1.0)
 PERIOD_TWO_ORDER = 8  # iterates z_K .. z_{K+8} give a rod's initial half-vector (see the module)
@@ -116,7 +116,7 @@ class RodFlow(AbstractFlow):
         opt = self.optimizer
         slow = self.unscaled(y.slow)
         ends = tree_stack2(*self.endpoints(y))
-        grads = jax.vmap(lambda z: self.grad(z.params))(ends)
+        grads = over_endpoints(lambda z: self.grad(z.params), ends)
         new_slows = jax.vmap(lambda g: opt.slow_map(slow, g))(grads)
         mean_slow = jax.tree.map(lambda x: jnp.mean(x, axis=0), new_slows)
         if self.exact_slow_feed:

@@ -9,9 +9,8 @@ Integration*, ch. IX) gives the field whose unit-time map is ``R`` to second ord
 
     f = v - \tfrac12\, Dv[v] + O(v^3),
 
-which costs one Jacobian-vector product of ``v`` per evaluation (``jax.linearize`` evaluates ``v``
-once and pushes ``v`` itself through as the tangent: forward over the reverse-mode gradients
-inside ``v``).
+which costs one Jacobian-vector product of ``v`` per evaluation (``v``, then one ``jax.jvp`` of
+``v`` with ``v`` itself as the tangent: forward over the reverse-mode gradients inside ``v``).
 
 *On a linear mode.* If ``R`` multiplies a mode by ``mu``, the three generators move it by
 
@@ -148,9 +147,14 @@ class SecondOrderFlow(AbstractFlow):
         self.exact_growth = bool(exact_growth)
 
     def field_and_derivative(self, t, y, args):
-        """``(v, Dv[v])`` at ``y``: ``v`` linearised once (one primal pass), then one tangent pass."""
-        v, dv = jax.linearize(lambda z: self.inner.vector_field(t, z, args), y)
-        return v, dv(v)
+        """``(v, Dv[v])`` at ``y``: ``v``, then one forward-mode pass in the direction ``v``.
+
+        ``jax.linearize`` would save the second primal pass, but it stores the residuals of the
+        endpoints' sequential loop (``over_endpoints`` on a CPU) and was 2.7x slower there on
+        cnn-digits, and no faster elsewhere (``benchmarks/endpoints.py``)."""
+        f = lambda z: self.inner.vector_field(t, z, args)  # noqa: E731
+        v = f(y)
+        return v, jax.jvp(f, (y,), (v,))[1]
 
     def growth_rate(self, y, v):
         """``x = <o, v>/|o|^2``: the first-order field's rate along the oscillation ``o`` of ``y``

@@ -151,3 +151,21 @@ def test_flow_failure_is_reported_not_raised():
     flow, y = stable_flow(opt, lambda w: -loss(w), z0, s, s)
     out = integrate(flow, y, 0, 50)
     assert out.failed and out.failed_at is not None
+
+
+def test_endpoints_in_sequence_or_batched_give_the_same_fields(monkeypatch, optimizer_name):
+    """``over_endpoints`` maps a rod's two endpoints in sequence on a CPU and batched elsewhere:
+    the fields (rod, second-order rod, inertial rod) must not depend on which, nor on the order."""
+    from rodflow_jax.flows import _base
+
+    opt, loss, z0, s0, z1, s1 = _start(optimizer_name)
+    kinds = [k for k in ("rod1", "rod2", "inertial") if rf.FLOWS[k].supports(opt) is None]
+    fields = {}
+    for mode in ("map", "vmap"):
+        monkeypatch.setattr(_base, "ENDPOINTS", mode)
+        for kind in kinds:
+            flow, y = rf.make_flow(kind, opt, loss, z0, s0, z1, s1)
+            fields[mode, kind] = flat(flow.vector_field(0.0, y, None))
+    for kind in kinds:
+        assert np.all(np.isfinite(fields["map", kind]))
+        np.testing.assert_allclose(fields["map", kind], fields["vmap", kind], rtol=1e-12, atol=1e-15)
