@@ -1,8 +1,9 @@
 """cnn-digits: the library convolution against the patch-matmul one the problem now uses.
 
 Times, in one process (compare the ratios), a gradient, a Hessian-vector product, one evaluation
-of the rod flow's field (two endpoints vmapped) and of the second-order rod's (``rod2``: one
-linearisation and one tangent pass), with ``lax.conv_general_dilated`` and with
+of the rod flow's field and of the second-order rod's (``rod2``: the field, then one ``jvp``), the
+endpoints as ``flows/_base.over_endpoints`` evaluates them on this backend, with
+``lax.conv_general_dilated`` and with
 ``rodflow_jax.problems._digits._conv``; and checks they agree. Writes
 ``benchmarks/results/cnn_conv.json``.
 

@@ -135,10 +135,10 @@ def init_cnn(key, channels=(1, 8, 16), n_out=N_CLASSES, image=8, scale=CNN_INIT_
 def _conv(x, w, b):
     """3x3 "SAME" convolution (NHWC input, HWIO weights) as one matmul over 3x3 patches.
 
-    The same numbers as ``lax.conv_general_dilated`` (to rounding; tested), and on CPU faster
-    where it matters here: measured on this problem in float64, 2.5x per gradient, 1.7x per
-    rod-flow evaluation (whose two endpoints' weights are vmapped, which turns a convolution
-    into a grouped one) and 1.3x per second-order evaluation (forward over reverse).
+    The same numbers as ``lax.conv_general_dilated`` (to rounding; tested), and faster on a
+    CPU: on this problem in float64 (``python benchmarks/cnn_conv.py``, 2-core CPU), 1.5-1.8x per
+    gradient, 1.9-2.0x per Hessian-vector product, 3.9x per rod-field and 4.1x per second-order
+    rod-field evaluation (the endpoints in sequence, as a CPU evaluates them).
     """
     height, width, c_in = x.shape[-3:]
     kh, kw = w.shape[:2]
