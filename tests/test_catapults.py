@@ -228,9 +228,11 @@ def test_catapults_of_a_real_run(name, hp, expected):
     assert jax.tree.leaves(run.params)[0].dtype == jnp.float64
     avg = 0.5 * (run.loss[:-1] + run.loss[1:])
     found = detect_catapults(avg)
-    # onsets are seeded at rounding level: allow a few steps, not more
+    # onsets are seeded at rounding level: allow a few steps, not more (the GD onset is 342 on
+    # one x86 machine and 346 on another, from the same code; perturbations of 1e-12 move it by
+    # up to 5 steps, benchmarks/catapult_predictability.py)
     assert len(found) == len(expected)
-    np.testing.assert_allclose(found, expected, atol=3)
+    np.testing.assert_allclose(found, expected, atol=6)
     ss, sharp = _midpoint_sharpness(loss_fn, run.params, every=10)
     kept = detect_catapults(avg, sharpness=sharp, sharpness_steps=ss)
     np.testing.assert_array_equal(kept, found)
