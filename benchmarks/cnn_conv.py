@@ -52,12 +52,7 @@ def main(argv=None):
         return jax.lax.conv_general_dilated(h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
 
     def make_loss(conv):
-        def apply(p):
-            h = D._avg_pool2(jnp.tanh(conv(images, p["conv0"], p["cb0"])))
-            h = jnp.tanh(conv(h, p["conv1"], p["cb1"]))
-            return h.reshape(h.shape[0], -1) @ p["dense"] + p["db"]
-
-        return lambda p: D.mse_loss(apply(p), y)
+        return lambda p: D.mse_loss(D.cnn_apply(p, images, conv), y)
 
     params0 = D.init_cnn(jax.random.PRNGKey(0))
     opt = OPTIMIZERS["gd"](learning_rate=0.2)

@@ -155,10 +155,11 @@ def _avg_pool2(h):
     return h.reshape(n, height // 2, 2, width // 2, 2, c).mean(axis=(2, 4))
 
 
-def cnn_apply(params, images):
-    """``images`` of shape ``(n, 8, 8, 1)`` -> outputs ``(n, 10)``."""
-    h = _avg_pool2(jnp.tanh(_conv(images, params["conv0"], params["cb0"])))
-    h = jnp.tanh(_conv(h, params["conv1"], params["cb1"]))
+def cnn_apply(params, images, conv=_conv):
+    """``images`` of shape ``(n, 8, 8, 1)`` -> outputs ``(n, 10)``; ``conv(x, w, b)`` is the
+    convolution (``benchmarks/cnn_conv.py`` passes the library one to compare)."""
+    h = _avg_pool2(jnp.tanh(conv(images, params["conv0"], params["cb0"])))
+    h = jnp.tanh(conv(h, params["conv1"], params["cb1"]))
     return h.reshape(h.shape[0], -1) @ params["dense"] + params["db"]
 
 
