@@ -23,6 +23,7 @@ path length |ref(k) - ref(K)| (final and max over the last 90 %).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -75,7 +76,7 @@ def _counting(config):
     lin = config.solver.root_finder.linear_solver
     solver = eqx.tree_at(lambda s: s.root_finder.linear_solver, config.solver,
                            CountingGMRES(lin.rtol, lin.atol, lin.max_steps))
-    return I.SolverConfig(solver, config.rtol, config.atol, config.max_steps_per_step)
+    return dataclasses.replace(config, solver=solver)  # the controller, budget and min step kept
 
 
 def _optimizer(prob, name):

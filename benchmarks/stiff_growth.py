@@ -35,6 +35,35 @@ from rodflow_jax import _integrate as I  # noqa: E402
 from rodflow_jax.experiments import write_json  # noqa: E402
 
 
+def stable_flow_at_start(prob, optimizer_name):
+    """The stable flow of ``optimizer_name`` (at ``prob``'s defaults) and its state at the default
+    start step K, the loss and the start step."""
+    loss_fn, params0 = prob.make(0)
+    opt = S._optimizer(prob, optimizer_name).prepared(params0)
+    K = rf.default_start_step(opt)
+    disc = rf.run_discrete(opt, loss_fn, params0, K + 1, save_steps=[K, K + 1])
+    (z0, s0), (_, s1) = disc.state_at(K), disc.state_at(K + 1)
+    flow, y = rf.stable_flow(opt, loss_fn, z0, s0, s1)
+    return flow, y, K
+
+
+def windowed_solve(flow, cfg, window_steps):
+    """A compiled ``(y, t0, t1) -> (y(t1), solver steps, rejected steps, result code, loss)``: the
+    solve of one window of at most ``window_steps`` simulated steps with ``cfg``."""
+
+    @eqx.filter_jit
+    def window(y, t0, t1):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(flow.vector_field), cfg.solver, t0=t0, t1=t1, dt0=None, y0=y,
+            saveat=diffrax.SaveAt(t1=True),
+            stepsize_controller=cfg.controller(),
+            max_steps=cfg.max_steps(window_steps), throw=False)
+        yy = jax.tree.map(lambda a: a[0], sol.ys)
+        return yy, sol.stats["num_steps"], sol.stats["num_rejected_steps"], sol.result._value, flow.predicted_loss(yy)
+
+    return window
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problem", default="cnn-digits")
@@ -43,27 +72,11 @@ def main(argv=None):
     ap.add_argument("--window", type=int, default=50)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    prob = rf.get_problem(args.problem)
-    loss_fn, params0 = prob.make(0)
-    opt = S._optimizer(prob, args.optimizer).prepared(params0)
-    K = rf.default_start_step(opt)
-    disc = rf.run_discrete(opt, loss_fn, params0, K + 1, save_steps=[K, K + 1])
-    (z0, s0), (_, s1) = disc.state_at(K), disc.state_at(K + 1)
-    flow, y = rf.stable_flow(opt, loss_fn, z0, s0, s1)
+    flow, y, K = stable_flow_at_start(rf.get_problem(args.problem), args.optimizer)
     flow = S.CountingStableFlow(flow.optimizer, flow.loss_fn, flow.scale)
     cfg = S._counting(I.stiff_solver(jnp.float64))
     W = args.window
-
-    @eqx.filter_jit
-    def window(y, t0, t1):
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(flow.vector_field), cfg.solver, t0=t0, t1=t1, dt0=None, y0=y,
-            saveat=diffrax.SaveAt(t1=True),
-            stepsize_controller=diffrax.PIDController(rtol=cfg.rtol, atol=cfg.atol, dtmin=I.min_step(jnp.float64),
-                                                      force_dtmin=False),
-            max_steps=cfg.max_steps(W), throw=False)
-        yy = jax.tree.map(lambda a: a[0], sol.ys)
-        return yy, sol.stats["num_steps"], sol.stats["num_rejected_steps"], sol.result._value, flow.predicted_loss(yy)
+    window = windowed_solve(flow, cfg, W)
 
     rows = []
     out = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
