@@ -9,11 +9,15 @@ and their Jacobian-vector products, and wall time (the first window includes com
 
     python benchmarks/stiff_growth.py --problem cnn-digits --optimizer scalar_adam --end 600 --window 50 \\
         --out benchmarks/results/stiff_growth_cnn_scalar_adam.json
+    # the step-size controller's effect on one late window (diffrax's I controller: 0, 1)
+    python benchmarks/stiff_growth.py --problem mlp-digits --optimizer scalar_adam --start 450 --end 600 \\
+        --window 150 --pcoeff 0 --icoeff 1
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import sys
 import time
@@ -70,11 +74,22 @@ def main(argv=None):
     ap.add_argument("--optimizer", default="scalar_adam")
     ap.add_argument("--end", type=int, default=600, help="last simulated step")
     ap.add_argument("--window", type=int, default=50)
+    ap.add_argument("--start", type=int, default=None,
+                    help="first counted step (default: the start step K; K..start is solved uncounted with the default)")
+    ap.add_argument("--pcoeff", type=float, default=None, help="the step-size controller's (default: stiff_solver's)")
+    ap.add_argument("--icoeff", type=float, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     flow, y, K = stable_flow_at_start(rf.get_problem(args.problem), args.optimizer)
+    default = I.stiff_solver(jnp.float64)
+    t = K
+    if args.start is not None and args.start > K:
+        y = windowed_solve(flow, default, args.start - K)(y, float(K), float(args.start))[0]
+        t = args.start
     flow = S.CountingStableFlow(flow.optimizer, flow.loss_fn, flow.scale)
-    cfg = S._counting(I.stiff_solver(jnp.float64))
+    cfg = S._counting(dataclasses.replace(
+        default, pcoeff=default.pcoeff if args.pcoeff is None else args.pcoeff,
+        icoeff=default.icoeff if args.icoeff is None else args.icoeff))
     W = args.window
     window = windowed_solve(flow, cfg, W)
 
@@ -82,10 +97,10 @@ def main(argv=None):
     out = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                        "device": str(jax.devices()[0])},
            "problem": args.problem, "optimizer": args.optimizer, "start_step": K, "window": W,
-           "solver": I.solver_name(cfg), "rtol": cfg.rtol, "atol": cfg.atol, "rows": rows}
+           "solver": I.solver_name(cfg), "rtol": cfg.rtol, "atol": cfg.atol, "pcoeff": cfg.pcoeff,
+           "icoeff": cfg.icoeff, "rows": rows}
     print("| steps | solver steps | rejected | Newton iterations / solver step | JVPs / GMRES solve | wall s |")
     print("|---|---|---|---|---|---|")
-    t = K
     while t < args.end:
         for k in S.COUNT:
             S.COUNT[k] = 0
