@@ -124,3 +124,13 @@ def test_leaving_the_domain_is_reported_as_such():
     assert 120 <= run.failed_at <= 135  # w = 0 at t = 4/3 / 0.01 ~ 133
     explicit = rf.integrate(flow, y0, 0, 200)
     assert explicit.failed and explicit.message == "max_steps_reached" and 120 <= explicit.failed_at <= 135
+
+
+def test_stiff_solver_uses_a_pi_controller_and_explicit_solves_keep_i():
+    """The stiff configuration's PI coefficients reach the controller the solve builds; the explicit
+    default keeps diffrax's I controller (README, "Stiff stable flows")."""
+    stiff = I.stiff_solver(jnp.float64).controller()
+    assert (stiff.pcoeff, stiff.icoeff) == (0.3, 0.3) and stiff.dtmin == I.min_step(jnp.float64)
+    flow, _ = _flow(rf.make_optimizer("gd", learning_rate=0.01), _quadratic, {"w": jnp.ones(5)})
+    explicit = I.default_solver(flow, jnp.float64).controller()
+    assert (explicit.pcoeff, explicit.icoeff) == (0.0, 1.0)
