@@ -134,3 +134,27 @@ def test_stiff_solver_uses_a_pi_controller_and_explicit_solves_keep_i():
     flow, _ = _flow(rf.make_optimizer("gd", learning_rate=0.01), _quadratic, {"w": jnp.ones(5)})
     explicit = I.default_solver(flow, jnp.float64).controller()
     assert (explicit.pcoeff, explicit.icoeff) == (0.0, 1.0)
+
+
+def _terminate(finder, diffsize, diffsize_prev, dtype):
+    from rodflow_jax._integrate import _NewtonKrylovState
+    import optimistix as optx
+    state = _NewtonKrylovState(jnp.asarray(diffsize, dtype), jnp.asarray(diffsize_prev, dtype),
+                               optx.RESULTS.successful, jnp.asarray(3))
+    done, result = finder.terminate(None, None, None, {}, state, frozenset())
+    return bool(done), result == optx.RESULTS.successful
+
+
+def test_newton_stall_at_the_rounding_floor_counts_as_converged_not_diverged():
+    """In float32 an update stuck near rounding level (rate >= 1 there) is converged; above the
+    floor, or with the rule off, a rate >= 1 is divergence; in float64 the floor is never reached."""
+    from rodflow_jax._integrate import NewtonKrylov
+    finder = NewtonKrylov(rtol=1e-5, atol=1e-7)
+    floor = 100 * float(jnp.finfo(jnp.float32).eps) / 1e-5  # 1.19 tolerance units
+    assert _terminate(finder, 0.5 * floor, 0.45 * floor, jnp.float32) == (True, True)
+    assert _terminate(NewtonKrylov(rtol=1e-5, atol=1e-7, rounding_floor=0.0), 0.5 * floor, 0.45 * floor,
+                      jnp.float32) == (True, False)
+    assert _terminate(finder, 2 * floor, 1.8 * floor, jnp.float32) == (True, False)
+    assert _terminate(finder, 0.5 * floor, 2 * floor, jnp.float32) == (False, True)  # still contracting
+    f64 = NewtonKrylov(rtol=1e-7, atol=1e-9)
+    assert _terminate(f64, 1e-3, 0.9e-3, jnp.float64) == (True, False)
