@@ -67,8 +67,9 @@ def run_cell(prob, name, steps):
     opt = rf.make_optimizer(name, learning_rate=prob.learning_rates[name], **prob.hyperparameters.get(name, {}))
     base = I.stiff_solver(jnp.float32)
     rows = []
-    for part, floor in (("before", 0.0), ("after", 100.0)):
-        cfg = dataclasses.replace(base, solver=I.implicit_solver(rounding_floor=floor))
+    for part, solver in (("before", I.implicit_solver(rounding_floor=0.0)), ("after", base.solver)):
+        floor = solver.root_finder.rounding_floor
+        cfg = dataclasses.replace(base, solver=solver)
         c = rf.compare(loss_fn, params0, opt, steps, models=("discrete", "stable"), solver={"stable": cfg})
         m = c.metrics["stable"]
         row = {"problem": prob.name, "optimizer": name, "part": part, "rounding_floor": floor, "num_steps": steps,

@@ -114,9 +114,9 @@ class NewtonKrylov(optx.AbstractRootFinder):
         del fn, y, args, options, tags
         at_least_two = state.step >= 2
         rate = state.diffsize / state.diffsize_prev
-        eps = jnp.finfo(state.diffsize.dtype).eps
+        finfo = jnp.finfo(state.diffsize.dtype)
         factor = state.diffsize * rate / (1 - rate)
-        small = state.diffsize < 10 ** (2 - jnp.finfo(state.diffsize.dtype).precision)
+        small = state.diffsize < 10 ** (2 - finfo.precision)
         diverged = ~jnp.isfinite(rate) | (rate >= 1)
         converged = (factor > 0) & (factor < self.kappa)
         # An update below ``rounding_floor`` rounding units of the iterate (``diffsize`` is in
@@ -129,7 +129,7 @@ class NewtonKrylov(optx.AbstractRootFinder):
         # (13,029 rejected) -> 89 (0), NAdam budget hit -> 51 steps; an unseen 112-parameter tanh
         # network, Adam 3,163 -> 47, NAdam 12,502 -> 43; errors against the discrete run unchanged
         # to 3 digits. In float64 the floor is 2e-7 tolerance units: never reached.
-        stalled = jnp.isfinite(rate) & (rate >= 1) & (state.diffsize < self.rounding_floor * eps / self.rtol)
+        stalled = jnp.isfinite(rate) & (rate >= 1) & (state.diffsize < self.rounding_floor * finfo.eps / self.rtol)
         done = at_least_two & (small | converged | stalled)
         fail = at_least_two & ~done & diverged
         linsolve_fail = state.result != optx.RESULTS.successful

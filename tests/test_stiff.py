@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 import optax
+import optimistix as optx
 import pytest
 
 import rodflow_jax as rf
@@ -137,9 +138,7 @@ def test_stiff_solver_uses_a_pi_controller_and_explicit_solves_keep_i():
 
 
 def _terminate(finder, diffsize, diffsize_prev, dtype):
-    from rodflow_jax._integrate import _NewtonKrylovState
-    import optimistix as optx
-    state = _NewtonKrylovState(jnp.asarray(diffsize, dtype), jnp.asarray(diffsize_prev, dtype),
+    state = I._NewtonKrylovState(jnp.asarray(diffsize, dtype), jnp.asarray(diffsize_prev, dtype),
                                optx.RESULTS.successful, jnp.asarray(3))
     done, result = finder.terminate(None, None, None, {}, state, frozenset())
     return bool(done), result == optx.RESULTS.successful
@@ -148,13 +147,12 @@ def _terminate(finder, diffsize, diffsize_prev, dtype):
 def test_newton_stall_at_the_rounding_floor_counts_as_converged_not_diverged():
     """In float32 an update stuck near rounding level (rate >= 1 there) is converged; above the
     floor, or with the rule off, a rate >= 1 is divergence; in float64 the floor is never reached."""
-    from rodflow_jax._integrate import NewtonKrylov
-    finder = NewtonKrylov(rtol=1e-5, atol=1e-7)
+    finder = I.NewtonKrylov(rtol=1e-5, atol=1e-7)
     floor = 100 * float(jnp.finfo(jnp.float32).eps) / 1e-5  # 1.19 tolerance units
     assert _terminate(finder, 0.5 * floor, 0.45 * floor, jnp.float32) == (True, True)
-    assert _terminate(NewtonKrylov(rtol=1e-5, atol=1e-7, rounding_floor=0.0), 0.5 * floor, 0.45 * floor,
+    assert _terminate(I.NewtonKrylov(rtol=1e-5, atol=1e-7, rounding_floor=0.0), 0.5 * floor, 0.45 * floor,
                       jnp.float32) == (True, False)
     assert _terminate(finder, 2 * floor, 1.8 * floor, jnp.float32) == (True, False)
     assert _terminate(finder, 0.5 * floor, 2 * floor, jnp.float32) == (False, True)  # still contracting
-    f64 = NewtonKrylov(rtol=1e-7, atol=1e-9)
+    f64 = I.NewtonKrylov(rtol=1e-7, atol=1e-9)
     assert _terminate(f64, 1e-3, 0.9e-3, jnp.float64) == (True, False)
