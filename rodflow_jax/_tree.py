@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -41,13 +43,20 @@ def tree_unstack2(t):
     return jax.tree.map(lambda x: x[0], t), jax.tree.map(lambda x: x[1], t)
 
 
+def _total(terms):
+    """The sum of scalar terms in their own dtype. (Seeding ``sum`` with ``jnp.zeros(())`` would
+    promote float32 terms to float64 whenever x64 is enabled: a float32 model's scalar second
+    moment then changed dtype inside the scan carry.)"""
+    terms = list(terms)
+    return functools.reduce(jnp.add, terms) if terms else jnp.zeros(())
+
+
 def tree_vdot(a, b):
-    leaves = jax.tree.map(lambda x, y: jnp.vdot(x, y, precision=_HI), a, b)
-    return sum(jax.tree.leaves(leaves), jnp.zeros(()))
+    return _total(jax.tree.leaves(jax.tree.map(lambda x, y: jnp.vdot(x, y, precision=_HI), a, b)))
 
 
 def tree_sum_squares(a):
-    return sum((jnp.sum(jnp.square(x)) for x in jax.tree.leaves(a)), jnp.zeros(()))
+    return _total(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(a))
 
 
 def tree_norm(a):

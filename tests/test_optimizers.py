@@ -187,3 +187,16 @@ def test_optimizer_is_a_pytree_with_traced_hyperparameters():
 
     vals = jax.vmap(final)(jnp.array([1e-3, 1e-2]))
     assert vals.shape == (2,) and bool(jnp.all(jnp.isfinite(vals)))
+
+
+def test_float32_params_keep_float32_state_in_the_scan_under_x64(optimizer_name):
+    """The suite runs with x64 on, as a float64 user's session would; a float32 model must still
+    step in float32. A sum seeded with a float64 zero used to promote the scalar variants'
+    second moment, and the scan kernel refused the carry (TypeError)."""
+    loss, params = tiny_mlp(dtype=jnp.float32)
+    opt = rf.make_optimizer(optimizer_name, learning_rate=lr_for(optimizer_name))
+    run = rf.run_discrete(opt, loss, params, 5)
+    assert not run.diverged
+    for leaf in jax.tree.leaves((run.phase, run.slow)):
+        assert leaf.dtype == np.float32, (optimizer_name, leaf.dtype)
+    assert run.loss.dtype == np.float32
