@@ -38,7 +38,8 @@ class FlowResult:
     param_error: np.ndarray  # (B, Gf)
 
     def message(self, i: int) -> str:
-        return result_message(int(self.arrays.result[i])) if int(self.arrays.result[i]) else ""
+        code = int(self.arrays.result[i])
+        return result_message(code, self.arrays.loss.dtype) if code else ""
 
 
 @dataclasses.dataclass
