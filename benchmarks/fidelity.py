@@ -536,6 +536,50 @@ def inertial_table(rows) -> str:
     return "\n".join(lines)
 
 
+def _cell_name(r) -> str:
+    m = r["hyperparameters"].get("momentum")
+    return f"{r['problem']} {r['optimizer']}" + (f" (b={m:g})" if m is not None else "")
+
+
+def schedule_makespan(costs, jobs: int) -> float:
+    """Wall time of ``costs`` (seconds per task) on ``jobs`` workers that each take the next task
+    as they free up, longest first (the order ``--jobs`` gets when the costliest problems are
+    listed first)."""
+    free = [0.0] * max(1, jobs)
+    for c in sorted(costs, reverse=True):
+        i = free.index(min(free))
+        free[i] += c
+    return max(free)
+
+
+def cost_table(rows, jobs: int = 2, top: int = 10) -> str:
+    """Where the grid's time goes, from the rows' own walls (each row's ``wall_s`` is its
+    ``compare``; the discrete oscillation statistics are not counted): seconds per problem,
+    the costliest cells with their costliest model, and the longest-first makespan on ``jobs``
+    workers. Rows measured under load or in different sessions add up as they were measured."""
+    cells: dict = {}
+    for r in rows:
+        c = cells.setdefault(_cell_name(r), {"problem": r["problem"], "wall": 0.0, "models": {}, "starts": []})
+        c["wall"] += r.get("wall_s") or 0.0
+        c["starts"].append(r["start"])
+        for k, v in r.items():
+            if k.endswith("_wall_s") and v:
+                c["models"][k[:-7]] = c["models"].get(k[:-7], 0.0) + v
+    total = sum(c["wall"] for c in cells.values())
+    per_problem: dict = {}
+    for c in cells.values():
+        per_problem[c["problem"]] = per_problem.get(c["problem"], 0.0) + c["wall"]
+    lines = [f"cells: {len(cells)}, compare time {total:.0f} s; on {jobs} workers, longest first: "
+             f"{schedule_makespan([c['wall'] for c in cells.values()], jobs) / 60:.0f} min",
+             "", "| problem | compare s | share |", "|---|---|---|"]
+    lines += [f"| {p} | {w:.0f} | {w / total:.0%} |" for p, w in sorted(per_problem.items(), key=lambda x: -x[1])]
+    lines += ["", "| costliest cells | starts | compare s | costliest model (s) |", "|---|---|---|---|"]
+    for name, c in sorted(cells.items(), key=lambda x: -x[1]["wall"])[:top]:
+        model = max(c["models"].items(), key=lambda x: x[1], default=("-", 0.0))
+        lines.append(f"| {name} | {', '.join(c['starts'])} | {c['wall']:.0f} | {model[0]} ({model[1]:.0f}) |")
+    return "\n".join(lines)
+
+
 def central_table(rows) -> str:
     """Rows that ran the central flow: stable vs rod vs central, side by side."""
     head = [
@@ -658,6 +702,7 @@ def main(argv=None):
         print("\n" + constructions_table(rows))
         print("\n" + scores_table(rows))
         print("\n" + targets(rows))
+        print("\n" + cost_table(rows, args.jobs))
         return rows
     problems = QUICK["problems"] if args.quick else PROBLEMS
     optimizers = QUICK["optimizers"] if args.quick else OPTIMIZERS
@@ -702,6 +747,7 @@ def main(argv=None):
         print("\n" + central_table(rows))
     if any("inertial_error_final" in r for r in rows):
         print("\n" + inertial_table(rows))
+    print("\n" + cost_table(rows, args.jobs))
     if args.figures:
         Path(args.figures).mkdir(parents=True, exist_ok=True)
         for family in FAMILIES:

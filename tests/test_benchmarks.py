@@ -81,3 +81,26 @@ def test_fidelity_tables_relabel_a_construction(tmp_path):
     path.write_text(json.dumps([{"problem": "toy", "rod2_catapult_steps": [3]}]))
     assert fid.load_rows(f"{path}:rod2=rod2_plain") == [{"problem": "toy", "rod2_plain_catapult_steps": [3]}]
     assert fid.load_rows(str(path)) == [{"problem": "toy", "rod2_catapult_steps": [3]}]
+
+
+def test_fidelity_cost_table_sums_cells_and_schedules_longest_first():
+    """The grid's cost table adds a cell's starts, names its costliest model, and schedules cells
+    longest first on the workers."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fidelity_bench", ROOT / "benchmarks" / "fidelity.py")
+    fid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fid)
+    assert fid.schedule_makespan([3, 5, 3, 4, 3], 2) == 10  # 5 | 4, then 3 -> 4+3, 3 -> 5+3, 3 -> 7+3
+    assert fid.schedule_makespan([3, 5, 3, 4, 3], 1) == 18
+    rows = [{"problem": "toy", "optimizer": "gd", "hyperparameters": {}, "start": "default", "wall_s": 30.0,
+             "stable_wall_s": 5.0, "rod_wall_s": 20.0},
+            {"problem": "toy", "optimizer": "gd", "hyperparameters": {}, "start": "pre_edge", "wall_s": 30.0,
+             "stable_wall_s": 5.0, "rod_wall_s": 20.0},
+            {"problem": "cnn", "optimizer": "heavy_ball", "hyperparameters": {"momentum": 0.9}, "start": "default",
+             "wall_s": 90.0, "stable_wall_s": 70.0, "rod_wall_s": 10.0}]
+    table = fid.cost_table(rows, jobs=2)
+    assert table.startswith("cells: 2, compare time 150 s; on 2 workers, longest first: 2 min")
+    assert "| cnn heavy_ball (b=0.9) | default | 90 | stable (70) |" in table
+    assert "| toy gd | default, pre_edge | 60 | rod (40) |" in table
+    assert table.index("| cnn | 90 | 60% |") < table.index("| toy | 60 | 40% |")
