@@ -52,6 +52,7 @@ def test_hypergradient_of_optax_adam_equals_the_builtin_and_finite_differences()
     loss, p0 = tiny_mlp()
     wrapped = from_optax(optax.adam, hyperparameters=dict(learning_rate=0.02))
     builtin = make_optimizer("adam", learning_rate=0.02)
+    wrapped_grads = {}
     for model in ("discrete", "rod1"):  # the same construction for both ("rod" is inertial for the built-in Adam)
         kw = dict(objective="mean_loss_last:10", model=model, wrt=("learning_rate", "b1"), start_step=5)
         vw, gw = hypergradient(loss, p0, wrapped, 60, **kw)
@@ -59,12 +60,13 @@ def test_hypergradient_of_optax_adam_equals_the_builtin_and_finite_differences()
         assert np.isclose(vw, vb, rtol=1e-9)
         for k in gw:
             assert np.isclose(gw[k], gb[k], rtol=1e-6), (model, k, gw[k], gb[k])
-    # and against a central difference of the wrapped optimizer's own objective
+        wrapped_grads[model] = gw
+    # and the wrapped optimizer's discrete hypergradient against a central difference of its own
+    # objective (the discrete objective does not depend on the start step)
     h = 1e-5
     f = [objective_value(loss, p0, wrapped.with_hyperparameters(learning_rate=0.02 + s), 60,
                          objective="mean_loss_last:10", model="discrete") for s in (h, -h)]
-    _, g = hypergradient(loss, p0, wrapped, 60, objective="mean_loss_last:10", model="discrete")
-    assert np.isclose(g["learning_rate"], (f[0] - f[1]) / (2 * h), rtol=1e-5)
+    assert np.isclose(wrapped_grads["discrete"]["learning_rate"], (f[0] - f[1]) / (2 * h), rtol=1e-5)
 
 
 def test_sweep_of_an_optax_argument_equals_solo_runs():
