@@ -438,7 +438,8 @@ def default_of(row) -> str:
 
 def targets(rows) -> str:
     """The catapult issue's targets over the at-edge cells (each cell's pre-edge start where it
-    has one), for the default construction against the first-order rod it replaced."""
+    has one), for the default construction, and for the first-order rod it replaced over the
+    cells that ran it too (a pass of the default models alone has no ``rod1``)."""
     cells: dict = {}
     for key, cell in by_construction(rows).items():
         r = cell["row"]
@@ -448,17 +449,20 @@ def targets(rows) -> str:
         if ck not in cells or key[3] == "pre_edge":
             cells[ck] = cell
     stat = {"cells": 0, "catapult_cells": 0, "on_time": 0, "same_count": 0, "ratio10": 0, "max3": 0,
-            "worse": [], "ratio10_rod1": 0, "max3_rod1": 0, "on_time_rod1": 0, "same_count_rod1": 0, "missing": 0}
+            "worse": [], "ratio10_rod1": 0, "max3_rod1": 0, "on_time_rod1": 0, "same_count_rod1": 0, "missing": 0,
+            "cells_rod1": 0, "catapult_cells_rod1": 0}
     for (problem, name, hp), cell in cells.items():
         r = cell["row"]
         c = default_of(r)
-        if c not in cell or "rod1" not in cell or r.get("stable_error_final") is None:
+        if c not in cell or r.get("stable_error_final") is None:
             stat["missing"] += 1
             continue
+        has_rod1 = "rod1" in cell
         stat["cells"] += 1
+        stat["cells_rod1"] += has_rod1
         K = r["start_step"]
         disc = [k for k in (r.get("discrete_catapult_steps") or []) if k >= K]
-        for tag, e in (("", cell[c]), ("_rod1", cell["rod1"])):
+        for tag, e in (("", cell[c]), *((("_rod1", cell["rod1"]),) if has_rod1 else ())):
             fin, mx = e["error_final"] or np.inf, e["error_max"] or np.inf
             stat["ratio10" + tag] += (r["stable_error_final"] or 0) >= 10 * fin
             stat["max3" + tag] += (r.get("stable_error_max") or 0) >= 3 * mx
@@ -467,16 +471,18 @@ def targets(rows) -> str:
                 stat["on_time" + tag] += _on_time(disc, model)
                 stat["same_count" + tag] += len(model) == len(disc)
         stat["catapult_cells"] += bool(disc)
-        if (cell[c]["error_final"] or np.inf) > 1.1 * (cell["rod1"]["error_final"] or np.inf):
+        stat["catapult_cells_rod1"] += bool(disc) and has_rod1
+        if has_rod1 and (cell[c]["error_final"] or np.inf) > 1.1 * (cell["rod1"]["error_final"] or np.inf):
             stat["worse"].append(f"{problem} {name} ({c} {_fmt(cell[c]['error_final'], '.3g')} vs rod1 "
                                  f"{_fmt(cell['rod1']['error_final'], '.3g')})")
-    n, cc = stat["cells"], stat["catapult_cells"]
-    return (f"{n} at-edge cells with the default construction and rod1 ({stat['missing']} without); "
-            f"{cc} catapult after the start. Default / rod1: first catapult on time {stat['on_time']}/{cc} / "
-            f"{stat['on_time_rod1']}/{cc}; same count {stat['same_count']}/{cc} / {stat['same_count_rod1']}/{cc}; "
-            f"stable/rod final >= 10 in {stat['ratio10']}/{n} / {stat['ratio10_rod1']}/{n}; max >= 3 in "
-            f"{stat['max3']}/{n} / {stat['max3_rod1']}/{n}; cells > 10 % worse than rod1 (final error): "
-            f"{len(stat['worse'])}" + (": " + "; ".join(stat["worse"]) if stat["worse"] else ""))
+    n, cc, n1, cc1 = stat["cells"], stat["catapult_cells"], stat["cells_rod1"], stat["catapult_cells_rod1"]
+    return (f"{n} at-edge cells with the default construction ({stat['missing']} without), {n1} of them with rod1 "
+            f"too; {cc} catapult after the start ({cc1} with rod1). Default / rod1: first catapult on time "
+            f"{stat['on_time']}/{cc} / {stat['on_time_rod1']}/{cc1}; same count {stat['same_count']}/{cc} / "
+            f"{stat['same_count_rod1']}/{cc1}; stable/rod final >= 10 in {stat['ratio10']}/{n} / "
+            f"{stat['ratio10_rod1']}/{n1}; max >= 3 in {stat['max3']}/{n} / {stat['max3_rod1']}/{n1}; cells > 10 % "
+            f"worse than rod1 (final error): {len(stat['worse'])}"
+            + (": " + "; ".join(stat["worse"]) if stat["worse"] else ""))
 
 
 def constructions_table(rows) -> str:
