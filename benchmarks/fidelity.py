@@ -559,18 +559,19 @@ def schedule_makespan(costs, jobs: int) -> float:
 
 
 def cost_table(rows, jobs: int = 2, top: int = 10) -> str:
-    """Where the grid's time goes, from the rows' own walls: a cell's ``cell_wall_s`` (its compares
-    and oscillation statistics), or for rows saved before that key the sum of its rows' ``wall_s``
-    (the compares alone); seconds per problem, the costliest cells with their costliest model,
-    and the longest-first makespan on ``jobs`` workers. Rows measured under load or in different
-    sessions add up as they were measured."""
+    """Where the grid's time goes, from the rows' own walls: the sum of a cell's rows'
+    ``cell_share_s`` (each row's compare and its part of the cell's oscillation statistics), or
+    ``wall_s`` (the compare alone) for rows saved before that key, so a cell whose starts were run
+    in different passes adds up; seconds per problem, the costliest cells with their costliest
+    model, and the longest-first makespan on ``jobs`` workers. Rows measured under load or in
+    different sessions add up as they were measured."""
     cells: dict = {}
     for r in rows:
         c = cells.setdefault(_cell_name(r), {"problem": r["problem"], "wall": 0.0, "models": {}, "starts": []})
-        c["wall"] = r["cell_wall_s"] if r.get("cell_wall_s") else c["wall"] + (r.get("wall_s") or 0.0)
+        c["wall"] += r.get("cell_share_s") or r.get("wall_s") or 0.0
         c["starts"].append(r["start"])
         for k, v in r.items():
-            if k.endswith("_wall_s") and k != "cell_wall_s" and v:
+            if k.endswith("_wall_s") and v:
                 c["models"][k[:-7]] = c["models"].get(k[:-7], 0.0) + v
     total = sum(c["wall"] for c in cells.values())
     per_problem: dict = {}
@@ -730,8 +731,9 @@ def main(argv=None):
     cell_kw = dict(steps=steps, momentum=args.momentum, starts=starts, models=tuple(args.models.split(",")),
                    progress=args.progress and args.jobs == 1, probe_every=args.probe_every)
     for pname, name, cell_rows, cmps, wall in _run_cells(tasks, cell_kw, args.jobs, keep=args.figure_problem if args.figures else None):
-        for r in cell_rows:
-            r["cell_wall_s"] = round(wall, 1)  # the whole cell: its compares and oscillation statistics
+        overhead = (wall - sum(r["wall_s"] for r in cell_rows)) / max(1, len(cell_rows))
+        for r in cell_rows:  # the row's share of the cell: its compare, and its part of the statistics
+            r["cell_share_s"] = round(r["wall_s"] + overhead, 1)
         rows.extend(cell_rows)
         if cmps:
             for_figures[name] = next(iter(cmps.values()))
