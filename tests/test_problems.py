@@ -206,3 +206,21 @@ def test_cnn_patch_matmul_conv_is_the_library_convolution(c_in, c_out, size):
     b = jax.random.normal(kb, (c_out,))
     ref = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
     np.testing.assert_allclose(_conv(x, w, b), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_user_problem_is_widened_to_float64_under_x64(tmp_path):
+    """``--float64`` enables x64; a file problem that builds float32 arrays must then run in float64
+    too (it used to stay float32, so --float64 changed nothing for it). Integer leaves are kept.
+    The suite runs with x64 enabled, as the CLI does under --float64."""
+    path = _write(tmp_path, """
+        import jax.numpy as jnp
+
+        def make(seed):
+            x = jnp.linspace(0.0, 1.0, 7, dtype=jnp.float32)
+            p = {"w": jnp.ones(3, jnp.float32), "b": jnp.zeros((), jnp.float16), "n": jnp.arange(2)}
+            return (lambda p: jnp.sum((x[:3] * p["w"] - p["b"]) ** 2) + 0.0 * p["n"].sum()), p
+        """)
+    loss_fn, params0 = load_user_problem(path, seed=0)
+    assert params0["w"].dtype == jnp.float64 and params0["b"].dtype == jnp.float64
+    assert jnp.issubdtype(params0["n"].dtype, jnp.integer)
+    assert loss_fn(params0).dtype == jnp.float64

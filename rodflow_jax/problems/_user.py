@@ -2,7 +2,9 @@
 
 The file defines ``make(seed)`` (or ``make()``) returning ``(loss_fn, params0)``: a pure JAX
 function ``params -> scalar loss`` and a pytree of floating arrays. Every problem with the file
-or what it returns is reported as one :class:`InputError` line.
+or what it returns is reported as one :class:`InputError` line. With x64 enabled (the CLI's
+``--float64``) floating-point parameters that ``make`` built narrower are widened to float64, so
+the whole run is in double precision as that flag says.
 """
 
 from __future__ import annotations
@@ -69,6 +71,17 @@ def _check_params(params0, label: str) -> None:
         raise InputError(f"{label} returned params0 with no floating-point array leaves (found {', '.join(kinds)})")
 
 
+def _widen_floats(params):
+    """Floating-point leaves narrower than float64 as float64; every other leaf as it is. The
+    loss then computes in float64 (its data promotes against the parameters)."""
+    def widen(x):
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize < 8:
+            return jnp.asarray(x, jnp.float64)
+        return x
+
+    return jax.tree.map(widen, params)
+
+
 def load_user_problem(spec: str, seed: int = 0):
     """Import ``path/to/file.py[:function]`` and return its checked ``(loss_fn, params0)``.
 
@@ -105,6 +118,8 @@ def load_user_problem(spec: str, seed: int = 0):
             f"{label} returned a {type(loss_fn).__name__} as loss_fn, expected a callable"
         )
     _check_params(params0, label)
+    if jax.config.jax_enable_x64:  # the CLI's --float64: the run in double precision, whatever make built
+        params0 = _widen_floats(params0)
 
     try:
         loss = loss_fn(params0)
