@@ -542,11 +542,6 @@ def inertial_table(rows) -> str:
     return "\n".join(lines)
 
 
-def _cell_name(r) -> str:
-    m = r["hyperparameters"].get("momentum")
-    return f"{r['problem']} {r['optimizer']}" + (f" (b={m:g})" if m is not None else "")
-
-
 def schedule_makespan(costs, jobs: int) -> float:
     """Wall time of ``costs`` (seconds per task) on ``jobs`` workers that each take the next task
     as they free up, longest first (the order ``--jobs`` gets when the costliest problems are
@@ -567,7 +562,8 @@ def cost_table(rows, jobs: int = 2, top: int = 10) -> str:
     different sessions add up as they were measured."""
     cells: dict = {}
     for r in rows:
-        c = cells.setdefault(_cell_name(r), {"problem": r["problem"], "wall": 0.0, "models": {}, "starts": []})
+        name = f"{r['problem']} {_label(r['optimizer'], r['hyperparameters'])}"
+        c = cells.setdefault(name, {"problem": r["problem"], "wall": 0.0, "models": {}, "starts": []})
         c["wall"] += r.get("cell_share_s") or r.get("wall_s") or 0.0
         c["starts"].append(r["start"])
         for k, v in r.items():

@@ -63,14 +63,20 @@ def test_scaling_tiny(tmp_path):
     assert d["ten_minute_compare"]["float32"]["compiled"]["largest_params"] > 0
 
 
-def test_fidelity_tables_relabel_a_construction(tmp_path):
-    """``--table-from FILE:rod2=rod2_plain`` reads rows saved before ``rod2`` changed as the plain
-    construction, so a rerun's ``rod2`` rows and the old ones are told apart."""
+def _fidelity_script():
+    """``benchmarks/fidelity.py`` as a module (it is a script, not part of the package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("fidelity_bench", ROOT / "benchmarks" / "fidelity.py")
     fid = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fid)
+    return fid
+
+
+def test_fidelity_tables_relabel_a_construction(tmp_path):
+    """``--table-from FILE:rod2=rod2_plain`` reads rows saved before ``rod2`` changed as the plain
+    construction, so a rerun's ``rod2`` rows and the old ones are told apart."""
+    fid = _fidelity_script()
     row = {"problem": "toy", "optimizer": "gd", "rod2_error_final": 0.5, "rod_construction": "rod2",
            "rod_error_final": 0.5, "rod1_error_final": 0.9}
     out = fid.relabel(row, "rod2", "rod2_plain")
@@ -86,11 +92,7 @@ def test_fidelity_tables_relabel_a_construction(tmp_path):
 def test_fidelity_cost_table_sums_cells_and_schedules_longest_first():
     """The grid's cost table adds a cell's starts, names its costliest model, and schedules cells
     longest first on the workers."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("fidelity_bench", ROOT / "benchmarks" / "fidelity.py")
-    fid = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fid)
+    fid = _fidelity_script()
     assert fid.schedule_makespan([3, 5, 3, 4, 3], 2) == 10  # 5 | 4, then 3 -> 4+3, 3 -> 5+3, 3 -> 7+3
     assert fid.schedule_makespan([3, 5, 3, 4, 3], 1) == 18
     rows = [{"problem": "toy", "optimizer": "gd", "hyperparameters": {}, "start": "default", "wall_s": 30.0,
