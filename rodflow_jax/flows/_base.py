@@ -98,8 +98,9 @@ class AbstractFlow(eqx.Module):
 
     def scale_oscillation(self, y, factor):
         """``y`` with its oscillation part (a rod's half-vector, and its velocity where it has
-        one) multiplied by ``factor``; ``y`` itself for a flow without one. The solver uses it to
-        hold the half-vector to its own absolute tolerance (``SolverConfig.half_atol``)."""
+        one) multiplied by ``factor``; ``y`` itself for a flow without one. Through
+        :meth:`oscillation` the solver holds the half-vector to its own tolerance
+        (``SolverConfig.half_atol``, ``rodflow_jax._integrate.HalfTolerance``)."""
         return y
 
     def oscillation(self, y):
