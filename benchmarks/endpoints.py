@@ -1,5 +1,6 @@
 """Cost of one flow-field evaluation: a rod's two endpoints in sequence (``lax.map``) or batched
-(``vmap``), and the second-order rod's derivative by ``jax.linearize`` or by a second ``jax.jvp``.
+(``vmap``), and the second-order rod's correction by each of its ``derivative`` forms (a second
+evaluation of the field, ``"difference"``, or a ``jax.jvp``, ``"jvp"``).
 
 Interleaved rounds in one process, the best of each round's mean kept (timings here are noisy;
 read the ratios). Writes ``benchmarks/results/endpoints.json``.
@@ -33,19 +34,9 @@ def main(argv=None):
 
     import rodflow_jax as rf
     from rodflow_jax.flows import _base
-    from rodflow_jax.flows._second_order import SecondOrderFlow
+    from rodflow_jax.flows._second_order import DERIVATIVES
     from rodflow_jax.optimizers import OPTIMIZERS
 
-    def linearized(self, t, y, a):
-        v, dv = jax.linearize(lambda z: self.inner.vector_field(t, z, a), y)
-        return v, dv(v)
-
-    def two_passes(self, t, y, a):
-        f = lambda z: self.inner.vector_field(t, z, a)  # noqa: E731
-        v = f(y)
-        return v, jax.jvp(f, (y,), (v,))[1]
-
-    derivative = {"linearize": linearized, "jvp": two_passes}
     rows = []
     for pname in args.problems.split(","):
         prob = rf.get_problem(pname)
@@ -61,10 +52,10 @@ def main(argv=None):
                 for kind in ("rod1", "rod2", "inertial"):
                     if rf.FLOWS[kind].supports(opt) is not None:
                         continue
-                    for dname in (("linearize", "jvp") if kind == "rod2" else ("-",)):
-                        if dname != "-":
-                            SecondOrderFlow.field_and_derivative = derivative[dname]
+                    for dname in (DERIVATIVES if kind == "rod2" else ("-",)):
                         flow, y0 = rf.make_flow(kind, opt, loss, z0, s0, z1, s1)
+                        if dname != "-":
+                            flow = rf.second_order(flow.inner, exact_growth=flow.exact_growth, derivative=dname)
                         fn = jax.jit(lambda y, flow=flow: flow.vector_field(0.0, y, None)).lower(y0).compile()
                         jax.block_until_ready(fn(y0))
                         fields[(mode, kind, dname)] = (fn, y0)

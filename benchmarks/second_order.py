@@ -26,14 +26,19 @@ It also tabulates the per-step growth factor of a linear r-mode (GD on a quadrat
 ``eps = eta lambda - 2``): exact ``1 + eps``, first-order ``exp(eps)``, second-order
 ``exp(eps - eps^2/2)``.
 
-The second-order rod's default solver holds ``r`` to its own absolute tolerance
-(``rodflow_jax._integrate.half_atol``: 1e-12 where the centre has 1e-9); ``--tolerances
-...,same_r`` adds the ablation with ``r`` held to the centre's ``atol``. ``--problem`` takes a
+The second-order rod's default solver holds ``r`` to a tolerance relative to its own size,
+floored at ``rodflow_jax._integrate.half_atol`` (1e-12 where the centre has 1e-9) and capped at
+the centre's ``atol`` (``rodflow_jax._integrate.HalfTolerance``); ``--tolerances ...,same_r`` adds
+the ablation with ``r`` held to the centre's ``atol``. ``--derivatives jvp,difference`` runs the
+second-order flows with each way of evaluating their correction (the first is labelled ``rod2``,
+the others ``rod2_difference``, ...). ``--problem`` takes a
 built-in name, ``tanh-regression`` (a 889-parameter tanh network on generated data, defined
 here) or ``file.py[:make]``; ``--hp CASE=JSON`` overrides a case's hyperparameters.
 
     python benchmarks/second_order.py --out benchmarks/results/second_order.json
     python benchmarks/second_order.py --cases gd --tolerances default,same_r --out benchmarks/results/second_order_gd_r_atol.json
+    python benchmarks/second_order.py --cases gd --tolerances default,same_r --derivatives jvp,difference \
+        --out benchmarks/results/second_order_half_tolerance.json
     python benchmarks/second_order.py --problem tanh-regression --cases gd --hp 'gd={"learning_rate": 0.64}' \
         --steps 1500 --tolerances default,same_r --probe-every 10 --out benchmarks/results/second_order_tanh.json
 """
@@ -168,7 +173,8 @@ def make_problem(name: str, seed: int = 0):
     return rf.get_problem(name).make(seed)
 
 
-def run_case(name: str, spec: dict, N: int, probe_every: int, tolerances, seed: int = 0, problem: str = "mlp-digits") -> dict:
+def run_case(name: str, spec: dict, N: int, probe_every: int, tolerances, seed: int = 0, problem: str = "mlp-digits",
+             derivatives=("jvp",)) -> dict:
     loss_fn, params0 = make_problem(problem, seed)
     unravel = jax.flatten_util.ravel_pytree(params0)[1]
     opt = rf.make_optimizer(spec["optimizer"], **spec["hp"])
@@ -196,48 +202,57 @@ def run_case(name: str, spec: dict, N: int, probe_every: int, tolerances, seed: 
         order2 = kind.endswith("2")
         base_kind = {"rod": "rod1"}.get(kind.rstrip("2"), kind.rstrip("2"))  # the first-order construction
         inner, y0 = rf.make_flow(base_kind, opt, loss_fn, z0, s0, z1, s1)
-        flow = second_order(inner) if order2 else inner
-        horizon = INERTIAL2_HORIZON if kind == "inertial2" else N
-        tols = ("default",) if kind in spec.get("default_only", ()) else tolerances
-        tols = tuple(t for t in tols if t != "same_r" or kind == "rod2")
-        for tol in tols:
-            cfg = _config(inner, order2, tol)
-            t = time.perf_counter()
-            rf.integrate(flow, y0, 0, 2, config=cfg, param_steps=[0])
-            compile_s = time.perf_counter() - t
-            fr_steps = probe_steps[probe_steps < horizon]
-            param_steps = np.unique(np.concatenate([fr_steps, [horizon - 1]]))
-            t = time.perf_counter()
-            fr = rf.integrate(flow, y0, 0, horizon - 1, config=cfg, param_steps=param_steps)
-            wall = time.perf_counter() - t
-            C = _rows(fr.centre)
-            idx = np.searchsorted(param_steps, fr_steps)
-            sharp = _sharpness(loss_fn, C[idx], unravel)
-            cat = detect_catapults(fr.loss, fr.steps, sharpness=sharp, sharpness_steps=fr_steps)
-            match = match_catapults(disc_cat[disc_cat < horizon], cat)
-            with np.errstate(all="ignore"):
-                err = np.linalg.norm(C - mid[param_steps], axis=1) / np.linalg.norm(mid[param_steps] - mid[0], axis=1)
-            hn = fr.half_norm
-            seed_r = float(np.median(hn[lo:hi])) if hn is not None and horizon > hi else None
-            row = {
-                "flow": kind, "tolerance": tol, "rtol": cfg.rtol, "atol": cfg.atol, "half_atol": cfg.half_atol, "simulated_steps": horizon - 1,
-                "catapults": cat.tolist(), "match": match.to_json(),
-                "final_error": float(err[-1]),
-                "max_error": float(np.nanmax(err[1:])) if np.isfinite(err[1:]).any() else None,
-                "half_norm_pre_edge": seed_r, "seed_window": [lo, hi],
-                "sharpness_max": float(np.nanmax(sharp)) if np.isfinite(sharp).any() else None,
-                "sharpness_last_probe": float(sharp[-1]),
-                "failed": fr.failed, "failed_at": fr.failed_at, "message": fr.message,
-                "solver_steps": fr.solver_steps, "rejected_steps": fr.rejected_steps,
-                "solver_steps_per_step": fr.solver_steps / (horizon - 1),
-                "wall_s": wall, "compile_s": compile_s, "run_s": max(wall - compile_s, 0.0),
-                "run_per_step_ms": 1e3 * max(wall - compile_s, 0.0) / (horizon - 1),
-                "eval_ms": 1e3 * _eval_time(flow, y0),
-            }
-            out["flows"].append(row)
-            print(_row_line(name, row), flush=True)
+        for derivative in (derivatives if order2 else (None,)):
+            label = kind if derivative in (None, derivatives[0]) else f"{kind}_{derivative}"
+            flow = second_order(inner, exact_growth=True, derivative=derivative) if order2 else inner
+            _run_flow(out, name, label, kind, flow, inner, y0, order2, spec, tolerances, N, probe_steps, lo, hi,
+                      loss_fn, unravel, mid, disc_cat)
     out["ratios"] = _ratios(out["flows"])
     return out
+
+
+def _run_flow(out, name, label, kind, flow, inner, y0, order2, spec, tolerances, N, probe_steps, lo, hi,
+              loss_fn, unravel, mid, disc_cat):
+    """One flow's rows (one per tolerance) appended to ``out["flows"]``, labelled ``label``."""
+    horizon = INERTIAL2_HORIZON if kind == "inertial2" else N
+    tols = ("default",) if kind in spec.get("default_only", ()) else tolerances
+    tols = tuple(t for t in tols if t != "same_r" or kind == "rod2")
+    for tol in tols:
+        cfg = _config(inner, order2, tol)
+        t = time.perf_counter()
+        rf.integrate(flow, y0, 0, 2, config=cfg, param_steps=[0])
+        compile_s = time.perf_counter() - t
+        fr_steps = probe_steps[probe_steps < horizon]
+        param_steps = np.unique(np.concatenate([fr_steps, [horizon - 1]]))
+        t = time.perf_counter()
+        fr = rf.integrate(flow, y0, 0, horizon - 1, config=cfg, param_steps=param_steps)
+        wall = time.perf_counter() - t
+        C = _rows(fr.centre)
+        idx = np.searchsorted(param_steps, fr_steps)
+        sharp = _sharpness(loss_fn, C[idx], unravel)
+        cat = detect_catapults(fr.loss, fr.steps, sharpness=sharp, sharpness_steps=fr_steps)
+        match = match_catapults(disc_cat[disc_cat < horizon], cat)
+        with np.errstate(all="ignore"):
+            err = np.linalg.norm(C - mid[param_steps], axis=1) / np.linalg.norm(mid[param_steps] - mid[0], axis=1)
+        hn = fr.half_norm
+        seed_r = float(np.median(hn[lo:hi])) if hn is not None and horizon > hi else None
+        row = {
+            "flow": label, "derivative": getattr(flow, "derivative", None), "tolerance": tol, "rtol": cfg.rtol, "atol": cfg.atol, "half_atol": cfg.half_atol, "simulated_steps": horizon - 1,
+            "catapults": cat.tolist(), "match": match.to_json(),
+            "final_error": float(err[-1]),
+            "max_error": float(np.nanmax(err[1:])) if np.isfinite(err[1:]).any() else None,
+            "half_norm_pre_edge": seed_r, "seed_window": [lo, hi],
+            "sharpness_max": float(np.nanmax(sharp)) if np.isfinite(sharp).any() else None,
+            "sharpness_last_probe": float(sharp[-1]),
+            "failed": fr.failed, "failed_at": fr.failed_at, "message": fr.message,
+            "solver_steps": fr.solver_steps, "rejected_steps": fr.rejected_steps,
+            "solver_steps_per_step": fr.solver_steps / (horizon - 1),
+            "wall_s": wall, "compile_s": compile_s, "run_s": max(wall - compile_s, 0.0),
+            "run_per_step_ms": 1e3 * max(wall - compile_s, 0.0) / (horizon - 1),
+            "eval_ms": 1e3 * _eval_time(flow, y0),
+        }
+        out["flows"].append(row)
+        print(_row_line(name, row), flush=True)
 
 
 def _ratios(rows) -> dict:
@@ -246,15 +261,16 @@ def _ratios(rows) -> dict:
     by = {(r["flow"], r["tolerance"]): r for r in rows}
     for kind in ("rod", "inertial"):
         for tol in TOLERANCES:
-            a, b = by.get((kind, tol)), by.get((kind + "2", tol))
-            if a is None or b is None:
-                continue
-            out[f"{kind}2_over_{kind}_{tol}"] = {
-                "solver_steps_per_step": b["solver_steps_per_step"] / a["solver_steps_per_step"],
-                "eval_time": b["eval_ms"] / a["eval_ms"],
-                "run_time_per_step": b["run_per_step_ms"] / a["run_per_step_ms"] if a["run_per_step_ms"] else None,
-                "wall": b["wall_s"] / a["wall_s"],
-            }
+            for label in sorted({f for f, _ in by if f.startswith(kind + "2")}):
+                a, b = by.get((kind, tol)), by.get((label, tol))
+                if a is None or b is None:
+                    continue
+                out[f"{label}_over_{kind}_{tol}"] = {
+                    "solver_steps_per_step": b["solver_steps_per_step"] / a["solver_steps_per_step"],
+                    "eval_time": b["eval_ms"] / a["eval_ms"],
+                    "run_time_per_step": b["run_per_step_ms"] / a["run_per_step_ms"] if a["run_per_step_ms"] else None,
+                    "wall": b["wall_s"] / a["wall_s"],
+                }
     return out
 
 
@@ -285,6 +301,9 @@ def main():
     ap.add_argument("--hp", action="append", default=[], metavar="CASE=JSON",
                     help='override a case\'s hyperparameters, e.g. gd=\'{"learning_rate": 0.64}\'')
     ap.add_argument("--tolerances", default="default,tight")
+    ap.add_argument("--derivatives", default="jvp",
+                    help="how the second-order flows evaluate their correction (difference, jvp); rows after the "
+                         "first are labelled FLOW_DERIVATIVE, e.g. rod2_jvp")
     ap.add_argument("--out", default="benchmarks/results/second_order.json")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -295,7 +314,8 @@ def main():
         spec = dict(CASES[name])
         if name in overrides:
             spec["hp"] = json.loads(overrides[name])
-        res = run_case(name, spec, args.steps, args.probe_every, tuple(args.tolerances.split(",")), problem=args.problem)
+        res = run_case(name, spec, args.steps, args.probe_every, tuple(args.tolerances.split(",")), problem=args.problem,
+                       derivatives=tuple(args.derivatives.split(",")))
         d = res["discrete"]
         print(f"{name:15s} discrete catapults {d['catapults']}, sharpness max {d['sharpness_max']:.1f}, "
               f"threshold {d['threshold']:.1f}")

@@ -98,6 +98,44 @@ def test_centre_modes_move_at_the_second_order_rate():
     assert np.all(np.abs(second - (1 - x)) < np.abs(first - (1 - x)) / 10)
 
 
+def test_difference_form_is_the_jvp_form_on_a_quadratic_and_differs_at_third_order():
+    """``derivative="difference"`` (``2 v - v(y + v/2)``) is the default ``v - Dv[v]/2`` exactly on
+    a linear field; on a nonlinear one it differs from the ``jvp`` form by ``-(1/8) D^2v[v, v]``
+    up to ``O(eta^4)``: GD's rod on the tiny MLP at ``eta`` and ``eta/2``."""
+    rod, y = _quadratic_rod(0.2)
+    exact = flat(_field(second_order(rod, derivative="jvp"), y))
+    np.testing.assert_allclose(flat(_field(second_order(rod, derivative="difference"), y)), exact, rtol=1e-12,
+                               atol=1e-15)
+    loss, params = tiny_mlp()
+    rel = []
+    for lr in (0.2, 0.1):
+        opt = rf.make_optimizer("gd", learning_rate=lr)
+        run = rf.run_discrete(opt, loss, params, 2)
+        rod, y = rf.rod_flow(opt, loss, *run.state_at(0), *run.state_at(1))
+        f = lambda z: rod.vector_field(0.0, z, None)  # noqa: E731
+        v = f(y)
+        d2 = jax.jvp(lambda z: jax.jvp(f, (z,), (v,))[1], (y,), (v,))[1]
+        gap = flat(_field(second_order(rod, derivative="difference"), y)) - flat(_field(second_order(rod), y))
+        predicted = -flat(d2) / 8
+        rel.append(np.linalg.norm(gap - predicted) / np.linalg.norm(predicted))
+    assert rel[0] < 0.2 and rel[1] < 0.6 * rel[0], rel  # O(eta) relative: halves with eta
+    with pytest.raises(ValueError, match="derivative"):
+        second_order(rod, derivative="linearize")
+
+
+def test_difference_form_stays_in_the_domain_where_a_backward_point_leaves_it():
+    """An RMSProp rod whose second moment is far below ``g^2`` (a first step, or a gradient that
+    jumps): the difference form's sample ``y + v/2`` (between ``y`` and ``R(y)``) keeps the field
+    finite, where a backward sample ``y - v/3`` takes the second moment below zero."""
+    opt, loss, z0, s0, z1, s1 = _start("rmsprop", steps=2)
+    rod, y = rf.rod_flow(opt, loss, z0, s0, z1, s1)
+    y = RodState(y.centre, y.half, y.slow._replace(nu=jax.tree.map(lambda n: 1e-9 * n, y.slow.nu)))
+    assert np.all(np.isfinite(flat(_field(second_order(rod, derivative="difference"), y))))
+    v = _field(rod, y)
+    back = jax.tree.map(lambda a, b: a - b / 3, y, v)
+    assert not np.all(np.isfinite(flat(_field(rod, back))))
+
+
 def _start(name, steps=12, **hp):
     loss, params = tiny_mlp()
     opt = rf.make_optimizer(name, learning_rate=lr_for(name), **hp)

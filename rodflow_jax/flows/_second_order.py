@@ -11,6 +11,7 @@ Integration*, ch. IX) gives the field whose unit-time map is ``R`` to second ord
 
 which costs one Jacobian-vector product of ``v`` per evaluation (``v``, then one ``jax.jvp`` of
 ``v`` with ``v`` itself as the tangent: forward over the reverse-mode gradients inside ``v``).
+``derivative="difference"`` evaluates it as ``2 v(y) - v(y + v/2)`` instead (*Cost*, below).
 
 *On a linear mode.* If ``R`` multiplies a mode by ``mu``, the three generators move it by
 
@@ -90,9 +91,22 @@ has eigenvalues ``x = mu - 1`` and ``|mu| < 1`` implies ``Re q(x) < -(Re x)^2 <=
 The central flow's field runs Lanczos and a complementarity solve; it is not differentiable
 everywhere and is not supported.
 
-*Cost.* One linearisation of ``v`` plus one tangent pass per evaluation, and the damped modes at
-twice the rate. Measured on mlp-digits (GD, 1000 steps, ``benchmarks/second_order.py``): 1.7-2.1x
-the time per evaluation, 1.5-1.7x the solver steps, 2.8-3.2x the run time per simulated step.
+*Cost.* One linearisation of ``v`` plus one tangent pass per evaluation (measured 2.4-4.2x a
+first-order evaluation: 2.4-2.9x on mlp-digits and the transformer, 3.2-4.2x on cnn-digits), and
+the damped modes at twice the rate: 1.5-1.7x the solver steps (once ``r`` is held to a tolerance
+relative to its own size, ``rodflow_jax._integrate.HalfTolerance``; 2.6-2.9x before).
+
+``derivative="difference"`` replaces the tangent pass by a second evaluation of ``v`` at
+``y + v/2``: ``2 v - v(y + v/2) = v - (1/2) Dv[v] - (1/8) D^2v[v, v] + O(v^4)``, exactly the ``jvp``
+form on a linear field and second order on any, for 2.0x a first-order evaluation, without
+forward mode through the loss. It samples the field half a map step away, though, and where that
+step is large against the state the two differ at first order: RMSProp from step 0 on deep-linear
+(the slow state moves by twice itself per step there; ``|v| = 2.6 |y|``) stalls the explicit solve
+at step 0 for any sample distance down to ``v/30``, where the ``jvp`` form runs. On the grid's
+other rod2 cells (GD, Nesterov 0.5, the RMSProps on four problems) it changed no first catapult by
+more than 4 steps, at 1.2-1.6x less run time (README, "rod2's cost"). So it is not the default.
+A backward sample (``(3 v(y - v/3) - v)/2``, which matches the ``D^2 v`` term of ``log R``) can
+also leave the domain: it takes a second moment far below ``g^2`` negative.
 
 *The early first catapult.* The first-order rod's first catapult on mlp-digits (GD) comes 31
 steps early at the default tolerance (rtol 1e-7, atol 1e-9), the corrected rod's 22 steps. Most
@@ -112,9 +126,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._tree import tree_axpy, tree_sum_squares, tree_vdot
+from .._tree import tree_add, tree_axpy, tree_sub, tree_sum_squares, tree_vdot
 from ..optimizers import Phase
 from ._base import AbstractFlow
+
+
+DERIVATIVES = ("jvp", "difference")  # how SecondOrderFlow evaluates its correction (the first: default)
 
 
 def growth_correction(x):
@@ -136,25 +153,38 @@ class SecondOrderFlow(AbstractFlow):
 
     inner: AbstractFlow
     exact_growth: bool = eqx.field(static=True)
+    derivative: str = eqx.field(static=True)
 
-    def __init__(self, inner: AbstractFlow, exact_growth: bool = False):
+    def __init__(self, inner: AbstractFlow, exact_growth: bool = False, derivative: str = "jvp"):
         if isinstance(inner, SecondOrderFlow):
             raise TypeError("the flow is already second order")
+        if derivative not in DERIVATIVES:
+            raise ValueError(f"derivative must be one of {DERIVATIVES}, got {derivative!r}")
         self.optimizer = inner.optimizer
         self.loss_fn = inner.loss_fn
         self.scale = inner.scale
         self.inner = inner
         self.exact_growth = bool(exact_growth)
+        self.derivative = derivative
 
-    def field_and_derivative(self, t, y, args):
-        """``(v, Dv[v])`` at ``y``: ``v``, then one forward-mode pass in the direction ``v``.
+    def corrected_field(self, t, y, args):
+        """``(v, v - (1/2) Dv[v] + ...)`` at ``y``: the first-order field and its second-order
+        correction, by ``derivative`` (see the module, *Cost*):
 
-        ``jax.linearize`` would save the second primal pass, but it stores the residuals of the
-        endpoints' sequential loop (``over_endpoints`` on a CPU) and was 2.7x slower there on
-        cnn-digits, and no faster elsewhere (``benchmarks/endpoints.py``)."""
+        - ``"jvp"`` (the default): ``v - (1/2) Dv[v]`` with ``Dv[v]`` from one ``jax.jvp`` of ``v``
+          (forward over the reverse-mode gradients inside ``v``). ``jax.linearize`` would save its
+          primal pass but stores the residuals of the endpoints' sequential loop and was 2.7x
+          slower on cnn-digits (``benchmarks/endpoints.py``, stop 17);
+        - ``"difference"``: ``2 v - v(y + v/2) = v - (1/2) Dv[v] - (1/8) D^2v[v, v] + O(v^4)``, two
+          evaluations of ``v``, no forward mode; exactly ``"jvp"``'s on a linear field. ``y + v/2``
+          lies halfway between ``y`` and the map's image ``y + v``, so it is a valid state wherever
+          both are and the state space is convex (second moments >= 0); a backward sample such as
+          ``y - v/3`` is not. It is wrong where a map step is large against the state (the module)."""
         f = lambda z: self.inner.vector_field(t, z, args)  # noqa: E731
         v = f(y)
-        return v, jax.jvp(f, (y,), (v,))[1]
+        if self.derivative == "jvp":
+            return v, tree_axpy(-0.5, jax.jvp(f, (y,), (v,))[1], v)
+        return v, tree_sub(tree_add(v, v), f(tree_axpy(0.5, v, y)))  # 2 v - v(y + v/2)
 
     def growth_rate(self, y, v):
         """``x = <o, v>/|o|^2``: the first-order field's rate along the oscillation ``o`` of ``y``
@@ -165,8 +195,7 @@ class SecondOrderFlow(AbstractFlow):
         return jnp.where(pos, tree_vdot(o, v) / jnp.where(pos, oo, 1.0), 0.0), o
 
     def vector_field(self, t, y, args):
-        v, dv = self.field_and_derivative(t, y, args)
-        f = tree_axpy(-0.5, dv, v)
+        v, f = self.corrected_field(t, y, args)
         if self.exact_growth:
             x, o = self.growth_rate(y, v)
             f = tree_axpy(growth_correction(x), o, f)
@@ -202,16 +231,17 @@ class SecondOrderFlow(AbstractFlow):
         return inner(y) if inner is not None else jnp.square(self.inner.half_norm(y))
 
 
-def second_order(flow: AbstractFlow, *, exact_growth: bool = False) -> SecondOrderFlow:
+def second_order(flow: AbstractFlow, *, exact_growth: bool = False, derivative: str = "jvp") -> SecondOrderFlow:
     """The second-order (backward-error-corrected) version of ``flow``, with the growth along its
-    oscillation made exact if ``exact_growth`` (the ``rod2`` construction); see the module."""
-    return SecondOrderFlow(flow, exact_growth)
+    oscillation made exact if ``exact_growth`` (the ``rod2`` construction); ``derivative`` is how
+    the correction is evaluated (:meth:`SecondOrderFlow.corrected_field`); see the module."""
+    return SecondOrderFlow(flow, exact_growth, derivative)
 
 
 def second_order_solver(flow: AbstractFlow, dtype):
     """``default_solver`` of the corrected flow: the inner flow's solver with twice its step budget
     per simulated step (the corrected field damps the ``mu ~ -1`` modes at rate ~4 instead of ~2)
-    and, for a rod, the tighter absolute tolerance on ``r`` (:func:`rodflow_jax._integrate.half_atol`)."""
+    and, for a rod, ``r`` held to its own tolerance (:class:`rodflow_jax._integrate.HalfTolerance`)."""
     from .._integrate import default_solver  # late: _integrate imports flows
 
     return default_solver(flow if isinstance(flow, SecondOrderFlow) else SecondOrderFlow(flow), dtype)
