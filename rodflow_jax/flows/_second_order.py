@@ -91,10 +91,11 @@ has eigenvalues ``x = mu - 1`` and ``|mu| < 1`` implies ``Re q(x) < -(Re x)^2 <=
 The central flow's field runs Lanczos and a complementarity solve; it is not differentiable
 everywhere and is not supported.
 
-*Cost.* One linearisation of ``v`` plus one tangent pass per evaluation (measured 2.4-4.2x a
-first-order evaluation: 2.4-2.9x on mlp-digits and the transformer, 3.2-4.2x on cnn-digits), and
-the damped modes at twice the rate: 1.5-1.7x the solver steps (once ``r`` is held to a tolerance
-relative to its own size, ``rodflow_jax._integrate.HalfTolerance``; 2.6-2.9x before).
+*Cost.* One linearisation of ``v`` plus one tangent pass per evaluation (measured 2.2-4.2x a
+first-order evaluation: 2.2-2.9x on mlp-digits and the transformer, 3.3-4.2x on cnn-digits), and
+the damped modes at twice the rate: 1.7x the solver steps on mlp-digits GD (since ``r`` is held
+to a tolerance relative to its own size, ``rodflow_jax._integrate.HalfTolerance``; 2.6-2.9x
+before): 3.9x the first-order rod's time per simulated step (README, "rod2's cost").
 
 ``derivative="difference"`` replaces the tangent pass by a second evaluation of ``v`` at
 ``y + v/2``: ``2 v - v(y + v/2) = v - (1/2) Dv[v] - (1/8) D^2v[v, v] + O(v^4)``, exactly the ``jvp``
@@ -102,9 +103,10 @@ form on a linear field and second order on any, for 2.0x a first-order evaluatio
 forward mode through the loss. It samples the field half a map step away, though, and where that
 step is large against the state the two differ at first order: RMSProp from step 0 on deep-linear
 (the slow state moves by twice itself per step there; ``|v| = 2.6 |y|``) stalls the explicit solve
-at step 0 for any sample distance down to ``v/30``, where the ``jvp`` form runs. On the grid's
-other rod2 cells (GD, Nesterov 0.5, the RMSProps on four problems) it changed no first catapult by
-more than 4 steps, at 1.2-1.6x less run time (README, "rod2's cost"). So it is not the default.
+at step 0 for any sample distance down to ``v/30``, where the ``jvp`` form runs. On 21 other rows
+of the grid's rod2 cells it changed no catapult count and moved none by more than 5 steps, and on
+mlp-digits GD it costs 3.4x the first-order rod per simulated step (the JVP: 3.9x). So it is not
+the default.
 A backward sample (``(3 v(y - v/3) - v)/2``, which matches the ``D^2 v`` term of ``log R``) can
 also leave the domain: it takes a second moment far below ``g^2`` negative.
 
