@@ -202,57 +202,51 @@ def run_case(name: str, spec: dict, N: int, probe_every: int, tolerances, seed: 
         order2 = kind.endswith("2")
         base_kind = {"rod": "rod1"}.get(kind.rstrip("2"), kind.rstrip("2"))  # the first-order construction
         inner, y0 = rf.make_flow(base_kind, opt, loss_fn, z0, s0, z1, s1)
-        for derivative in (derivatives if order2 else (None,)):
+        horizon = INERTIAL2_HORIZON if kind == "inertial2" else N
+        tols = ("default",) if kind in spec.get("default_only", ()) else tolerances
+        tols = tuple(t for t in tols if t != "same_r" or kind == "rod2")
+        for derivative in (derivatives if order2 else (None,)):  # rows after the first: FLOW_DERIVATIVE
             label = kind if derivative in (None, derivatives[0]) else f"{kind}_{derivative}"
             flow = second_order(inner, exact_growth=True, derivative=derivative) if order2 else inner
-            _run_flow(out, name, label, kind, flow, inner, y0, order2, spec, tolerances, N, probe_steps, lo, hi,
-                      loss_fn, unravel, mid, disc_cat)
+            for tol in tols:
+                cfg = _config(inner, order2, tol)
+                t = time.perf_counter()
+                rf.integrate(flow, y0, 0, 2, config=cfg, param_steps=[0])
+                compile_s = time.perf_counter() - t
+                fr_steps = probe_steps[probe_steps < horizon]
+                param_steps = np.unique(np.concatenate([fr_steps, [horizon - 1]]))
+                t = time.perf_counter()
+                fr = rf.integrate(flow, y0, 0, horizon - 1, config=cfg, param_steps=param_steps)
+                wall = time.perf_counter() - t
+                C = _rows(fr.centre)
+                idx = np.searchsorted(param_steps, fr_steps)
+                sharp = _sharpness(loss_fn, C[idx], unravel)
+                cat = detect_catapults(fr.loss, fr.steps, sharpness=sharp, sharpness_steps=fr_steps)
+                match = match_catapults(disc_cat[disc_cat < horizon], cat)
+                with np.errstate(all="ignore"):
+                    err = np.linalg.norm(C - mid[param_steps], axis=1) / np.linalg.norm(mid[param_steps] - mid[0], axis=1)
+                hn = fr.half_norm
+                seed_r = float(np.median(hn[lo:hi])) if hn is not None and horizon > hi else None
+                row = {
+                    "flow": label, "derivative": derivative, "tolerance": tol, "rtol": cfg.rtol, "atol": cfg.atol,
+                    "half_atol": cfg.half_atol, "simulated_steps": horizon - 1,
+                    "catapults": cat.tolist(), "match": match.to_json(),
+                    "final_error": float(err[-1]),
+                    "max_error": float(np.nanmax(err[1:])) if np.isfinite(err[1:]).any() else None,
+                    "half_norm_pre_edge": seed_r, "seed_window": [lo, hi],
+                    "sharpness_max": float(np.nanmax(sharp)) if np.isfinite(sharp).any() else None,
+                    "sharpness_last_probe": float(sharp[-1]),
+                    "failed": fr.failed, "failed_at": fr.failed_at, "message": fr.message,
+                    "solver_steps": fr.solver_steps, "rejected_steps": fr.rejected_steps,
+                    "solver_steps_per_step": fr.solver_steps / (horizon - 1),
+                    "wall_s": wall, "compile_s": compile_s, "run_s": max(wall - compile_s, 0.0),
+                    "run_per_step_ms": 1e3 * max(wall - compile_s, 0.0) / (horizon - 1),
+                    "eval_ms": 1e3 * _eval_time(flow, y0),
+                }
+                out["flows"].append(row)
+                print(_row_line(name, row), flush=True)
     out["ratios"] = _ratios(out["flows"])
     return out
-
-
-def _run_flow(out, name, label, kind, flow, inner, y0, order2, spec, tolerances, N, probe_steps, lo, hi,
-              loss_fn, unravel, mid, disc_cat):
-    """One flow's rows (one per tolerance) appended to ``out["flows"]``, labelled ``label``."""
-    horizon = INERTIAL2_HORIZON if kind == "inertial2" else N
-    tols = ("default",) if kind in spec.get("default_only", ()) else tolerances
-    tols = tuple(t for t in tols if t != "same_r" or kind == "rod2")
-    for tol in tols:
-        cfg = _config(inner, order2, tol)
-        t = time.perf_counter()
-        rf.integrate(flow, y0, 0, 2, config=cfg, param_steps=[0])
-        compile_s = time.perf_counter() - t
-        fr_steps = probe_steps[probe_steps < horizon]
-        param_steps = np.unique(np.concatenate([fr_steps, [horizon - 1]]))
-        t = time.perf_counter()
-        fr = rf.integrate(flow, y0, 0, horizon - 1, config=cfg, param_steps=param_steps)
-        wall = time.perf_counter() - t
-        C = _rows(fr.centre)
-        idx = np.searchsorted(param_steps, fr_steps)
-        sharp = _sharpness(loss_fn, C[idx], unravel)
-        cat = detect_catapults(fr.loss, fr.steps, sharpness=sharp, sharpness_steps=fr_steps)
-        match = match_catapults(disc_cat[disc_cat < horizon], cat)
-        with np.errstate(all="ignore"):
-            err = np.linalg.norm(C - mid[param_steps], axis=1) / np.linalg.norm(mid[param_steps] - mid[0], axis=1)
-        hn = fr.half_norm
-        seed_r = float(np.median(hn[lo:hi])) if hn is not None and horizon > hi else None
-        row = {
-            "flow": label, "derivative": getattr(flow, "derivative", None), "tolerance": tol, "rtol": cfg.rtol, "atol": cfg.atol, "half_atol": cfg.half_atol, "simulated_steps": horizon - 1,
-            "catapults": cat.tolist(), "match": match.to_json(),
-            "final_error": float(err[-1]),
-            "max_error": float(np.nanmax(err[1:])) if np.isfinite(err[1:]).any() else None,
-            "half_norm_pre_edge": seed_r, "seed_window": [lo, hi],
-            "sharpness_max": float(np.nanmax(sharp)) if np.isfinite(sharp).any() else None,
-            "sharpness_last_probe": float(sharp[-1]),
-            "failed": fr.failed, "failed_at": fr.failed_at, "message": fr.message,
-            "solver_steps": fr.solver_steps, "rejected_steps": fr.rejected_steps,
-            "solver_steps_per_step": fr.solver_steps / (horizon - 1),
-            "wall_s": wall, "compile_s": compile_s, "run_s": max(wall - compile_s, 0.0),
-            "run_per_step_ms": 1e3 * max(wall - compile_s, 0.0) / (horizon - 1),
-            "eval_ms": 1e3 * _eval_time(flow, y0),
-        }
-        out["flows"].append(row)
-        print(_row_line(name, row), flush=True)
 
 
 def _ratios(rows) -> dict:

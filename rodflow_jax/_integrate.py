@@ -41,6 +41,11 @@ class SolverConfig(eqx.Module):
     pcoeff: float = eqx.field(static=True, default=0.0)
     icoeff: float = eqx.field(static=True, default=1.0)
 
+    @property
+    def own_half_tolerance(self) -> bool:
+        """Whether a rod's half-vector gets a tolerance of its own (:class:`HalfTolerance`)."""
+        return self.half_atol is not None and self.half_atol != self.atol
+
     def max_steps(self, num_simulated_steps: int) -> int:
         """The solver-step budget for integrating ``num_simulated_steps`` optimizer steps."""
         return self.max_steps_per_step * max(int(num_simulated_steps), 1) + 16
@@ -290,7 +295,7 @@ def solver_name(config: SolverConfig) -> str:
     root = getattr(config.solver, "root_finder", None)
     if isinstance(getattr(root, "linear_solver", None), KrylovGMRES):
         name += "+GMRES"
-    if config.half_atol is not None and config.half_atol != config.atol:
+    if config.own_half_tolerance:
         name += f" (r tol >= {config.half_atol:.0e})"
     return name
 
@@ -405,7 +410,7 @@ def step_size_controller(flow: AbstractFlow, config: SolverConfig):
     """``config``'s controller, wrapped in :class:`HalfTolerance` where ``config`` holds a rod's
     oscillation to its own ``half_atol``."""
     controller = config.controller()
-    if config.half_atol is None or config.half_atol == config.atol or not flow.models_oscillation:
+    if not (config.own_half_tolerance and flow.models_oscillation):
         return controller
     return HalfTolerance(controller, flow, config.half_atol)
 
