@@ -6,7 +6,9 @@ default learning rate, the stable flow is integrated from the default start step
 
 * ``before``: Tsit5, rtol 1e-7 / atol 1e-9, 128 solver steps per simulated step (the old default);
 * ``after``: the new default, :func:`rodflow_jax._integrate.stiff_solver` (Kvaerno5 with a
-  Newton-Krylov stage solver on Jacobian-vector products, same tolerances, 64 per step);
+  Newton-Krylov stage solver on Jacobian-vector products, 64 per step; at rtol 1e-6 / atol 1e-8
+  since stop 31, the same tolerances as ``before`` in ``stiff.json``); ``after@RTOL``: it at
+  rtol ``RTOL``, atol ``RTOL / 100``;
 * ``ref``: the implicit solver at rtol 1e-9 / atol 1e-11 (``--ref-rtol``), the accuracy reference.
 
 Reported per simulated step: solver steps (accepted + rejected), vector-field evaluations (one
@@ -17,6 +19,7 @@ path length |ref(k) - ref(K)| (final and max over the last 90 %).
 
     python benchmarks/stiff.py --out benchmarks/results/stiff.json
     python benchmarks/stiff.py --parts before --problems mlp-digits   # one part; rows are merged
+    python benchmarks/stiff.py --parts after@1e-5,ref   # the stiff solver at rtol 1e-5 / atol 1e-7
     python benchmarks/stiff.py --fidelity benchmarks/results/fidelity.json  # the grid's failed stable flows
 """
 
@@ -128,6 +131,21 @@ def _solve(flow, y0, ts, config, count: bool):
     return sol, tc, min(walls), dict(COUNT)
 
 
+def _at_tolerance(config, part):
+    """``after@RTOL``: the default stiff solver at rtol ``RTOL``, atol ``RTOL / 100`` (the
+    defaults' ratio)."""
+    name, _, rtol = part.partition("@")
+    if name != "after" or not rtol:
+        raise SystemExit(f"unknown part {part!r}: before, after, ref or after@RTOL")
+    return dataclasses.replace(config, rtol=float(rtol), atol=float(rtol) / 100)
+
+
+def _part_order(part):
+    """before, after, after@RTOL by decreasing RTOL, ref."""
+    name, _, rtol = part.partition("@")
+    return (["before", "after", "ref"].index(name), -float(rtol or "inf"))
+
+
 def run_cell(prob, name, steps, parts, ref_rtol, cache: Path):
     loss_fn, params0 = prob.make(0)
     opt = _optimizer(prob, name).prepared(params0)
@@ -144,10 +162,10 @@ def run_cell(prob, name, steps, parts, ref_rtol, cache: Path):
     }
     out = []
     for part in parts:
-        cfg = configs[part]
+        cfg = configs[part] if part in configs else _at_tolerance(configs["after"], part)
         implicit = I.is_implicit(cfg)
         sol, tc, wall, counts = _solve(flow, y0, ts, cfg, count=False)
-        if implicit and part == "after":
+        if implicit and part.startswith("after"):
             _, _, _, counts = _solve(flow, y0, ts, cfg, count=True)
         else:
             counts = {"vf": TSIT5_EVALS * int(sol.num_steps), "jvp": 0, "solves": 0} if not implicit else None
@@ -225,15 +243,15 @@ def fidelity_failures(path, cache: Path):
 
 
 def table(rows):
-    lines = ["| problem | optimizer | K | solver | failed | solver steps / step | VF / step | JVP / step | "
+    lines = ["| problem | optimizer | K | solver | rtol | failed | solver steps / step | VF / step | JVP / step | "
              "grad-eq / step | ms / step | dist. to ref final / max |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["part"] == "ref":
             continue
         f = lambda k, fmt="{:.1f}": "-" if r.get(k) is None else fmt.format(r[k])  # noqa: E731
         fail = f"@{r['failed_at']} ({r['message']})" if r["failed"] else "-"
-        lines.append(f"| {r['problem']} | {r['optimizer']} | {r['start_step']} | {r['solver']} | {fail} | "
+        lines.append(f"| {r['problem']} | {r['optimizer']} | {r['start_step']} | {r['solver']} | {r['rtol']:.0e} | {fail} | "
                      f"{f('solver_steps_per_step', '{:.2f}')} | {f('vf_per_step')} | {f('jvp_per_step')} | "
                      f"{f('grad_eq_per_step')} | {f('wall_ms_per_step')} | "
                      f"{f('dist_to_ref_final', '{:.1e}')} / {f('dist_to_ref_max', '{:.1e}')} |")
@@ -281,7 +299,7 @@ def main():
             merged = [r for r in old if key(r) not in new] + rows
             distances(merged, cache)
             merged.sort(key=lambda r: (r["problem"], NAMES.index(r["optimizer"]) if r["optimizer"] in NAMES else 99,
-                                       ["before", "after", "ref"].index(r["part"])))
+                                       _part_order(r["part"])))
             write_json(out, {**previous, "machine": machine, "rows": merged})  # after every cell: an interrupted run keeps it
     print(table(merged))
     print(f"total {time.perf_counter() - t0:.0f} s")

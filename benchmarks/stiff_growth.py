@@ -78,6 +78,8 @@ def main(argv=None):
                     help="first counted step (default: the start step K; K..start is solved uncounted with the default)")
     ap.add_argument("--pcoeff", type=float, default=None, help="the step-size controller's (default: stiff_solver's)")
     ap.add_argument("--icoeff", type=float, default=None)
+    ap.add_argument("--rtol", type=float, default=None, help="the solve's (default: stiff_solver's)")
+    ap.add_argument("--atol", type=float, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     flow, y, K = stable_flow_at_start(rf.get_problem(args.problem), args.optimizer)
@@ -89,7 +91,8 @@ def main(argv=None):
     flow = S.CountingStableFlow(flow.optimizer, flow.loss_fn, flow.scale)
     cfg = S._counting(dataclasses.replace(
         default, pcoeff=default.pcoeff if args.pcoeff is None else args.pcoeff,
-        icoeff=default.icoeff if args.icoeff is None else args.icoeff))
+        icoeff=default.icoeff if args.icoeff is None else args.icoeff,
+        rtol=default.rtol if args.rtol is None else args.rtol, atol=default.atol if args.atol is None else args.atol))
     W = args.window
     window = windowed_solve(flow, cfg, W)
 

@@ -19,7 +19,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from .._discrete import init_carry, rollout_chunk
-from .._integrate import SolverConfig, default_solver, default_tolerances, is_implicit, solve, solver_name, stiff_solver
+from .._integrate import SolverConfig, default_solver, default_tolerances, implicit_retry, is_implicit, solve, solver_name
 from .._sharpness import probe_trajectory
 from ..flows import flow_kind
 from ..flows._registry import resolve
@@ -236,7 +236,7 @@ _BUDGET_HIT = int(diffrax.RESULTS.max_steps_reached._value)
 
 def _retry_budget_hits(kind, shape, optimizer, loss_fn, states, stop, ts, param_ts, options, sol, dtype, progress):
     """The configurations whose default *explicit* solve ran out of its step budget, solved again
-    with the matrix-free implicit solver (:func:`~rodflow_jax._integrate.stiff_solver`), their rows
+    with the matrix-free implicit solver (:func:`~rodflow_jax._integrate.implicit_retry`), their rows
     replaced: the rest keep the explicit solution. Returns the rows and each row's solver name.
 
     The retry is host-side, on the failed rows only (gathered to one device when the batch is
@@ -248,7 +248,7 @@ def _retry_budget_hits(kind, shape, optimizer, loss_fn, states, stop, ts, param_
         return sol, names
     idx = np.nonzero(hit)[0]
     take = lambda tree: jax.tree.map(lambda x: jnp.asarray(to_host(x)[idx]) if eqx.is_array(x) else x, tree)  # noqa: E731
-    cfg = stiff_solver(dtype)
+    cfg = implicit_retry(first, dtype)
     redo = _solve_b(kind, take(optimizer), loss_fn, take(states), jnp.asarray(ts, dtype), jnp.asarray(param_ts, dtype),
                     take(stop), options, cfg, progress)
     redo = to_host(tuple(redo))
