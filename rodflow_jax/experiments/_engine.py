@@ -168,8 +168,9 @@ def hold_converged(sol, ts, param_ts, dtype):
     are held fixed from the last solved step, and say so; the rest are returned unchanged.
 
     Converged: over the last ``HOLD_WINDOW`` solved steps (at least 20, two saved centres) the
-    centre moved less than ``10 rtol`` (the default relative tolerance: 1e-6 in float64) of its
-    norm, i.e. it was stationary to within what the solver resolves. Measured
+    centre moved less than 10x the explicit default ``rtol`` of its norm (1e-6 in float64: the
+    stiff solve's own ``rtol``; 1e-4 in float32), i.e. it was stationary to within what the solver
+    resolves. Measured
     where this happens (README, "Stiff stable flows"): the stable flow of an Adam-type optimizer
     sits at a minimum (|grad| ~1e-10) while ``sqrt(nu)`` decays to ``eps``, and the
     preconditioned field ``m / (sqrt(nu) + eps)`` turns sign-like: it chatters, every implicit
