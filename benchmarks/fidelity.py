@@ -9,6 +9,7 @@ shortly before the edge (``K = onset - pre``). The flow recipe is the same in ev
     python benchmarks/fidelity.py --out benchmarks/results/fidelity.json        # full grid
     python benchmarks/fidelity.py --quick --out /tmp/fidelity_quick.json         # CI size
     python benchmarks/fidelity.py --problems mlp-digits --optimizers gd,adam     # a subset
+    python benchmarks/fidelity.py --jobs 2 --order-from OLD.json ...              # longest cells first
 
 Writes a JSON list (one object per cell and start) and prints the markdown table that the
 README shows; ``--figures DIR`` also draws one figure per optimizer family.
@@ -553,13 +554,9 @@ def schedule_makespan(costs, jobs: int) -> float:
     return max(free)
 
 
-def cost_table(rows, jobs: int = 2, top: int = 10) -> str:
-    """Where the grid's time goes, from the rows' own walls: the sum of a cell's rows'
-    ``cell_share_s`` (each row's compare and its part of the cell's oscillation statistics), or
-    ``wall_s`` (the compare alone) for rows saved before that key, so a cell whose starts were run
-    in different passes adds up; seconds per problem, the costliest cells with their costliest
-    model, and the longest-first makespan on ``jobs`` workers. Rows measured under load or in
-    different sessions add up as they were measured."""
+def cell_costs(rows) -> dict:
+    """``{"problem label": {"problem", "wall", "models", "starts"}}``: each cell's seconds (its
+    rows' ``cell_share_s``, or ``wall_s`` for rows saved before that key) and its models' walls."""
     cells: dict = {}
     for r in rows:
         name = f"{r['problem']} {_label(r['optimizer'], r['hyperparameters'])}"
@@ -569,6 +566,26 @@ def cost_table(rows, jobs: int = 2, top: int = 10) -> str:
         for k, v in r.items():
             if k.endswith("_wall_s") and v:
                 c["models"][k[:-7]] = c["models"].get(k[:-7], 0.0) + v
+    return cells
+
+
+def longest_first(tasks, labels, rows):
+    """``tasks`` reordered by the cells' walls in ``rows`` (saved passes), longest first, so the
+    ``--jobs`` workers end together; ``labels[i]`` is task i's cell name ("problem label"). Cells
+    with no saved wall go first (they may be the longest), in their listed order."""
+    wall = {k: c["wall"] for k, c in cell_costs(rows).items()}
+    order = sorted(range(len(tasks)), key=lambda i: (labels[i] in wall, -wall.get(labels[i], 0.0), i))
+    return [tasks[i] for i in order]
+
+
+def cost_table(rows, jobs: int = 2, top: int = 10) -> str:
+    """Where the grid's time goes, from the rows' own walls: the sum of a cell's rows'
+    ``cell_share_s`` (each row's compare and its part of the cell's oscillation statistics), or
+    ``wall_s`` (the compare alone) for rows saved before that key, so a cell whose starts were run
+    in different passes adds up; seconds per problem, the costliest cells with their costliest
+    model, and the longest-first makespan on ``jobs`` workers. Rows measured under load or in
+    different sessions add up as they were measured."""
+    cells = cell_costs(rows)
     total = sum(c["wall"] for c in cells.values())
     per_problem: dict = {}
     for c in cells.values():
@@ -693,6 +710,8 @@ def main(argv=None):
                     help="print the table from JSON files, run nothing (FILE:rod2=rod2_plain reads a file's rod2 as rod2_plain)")
     ap.add_argument("--probe-every", type=int, default=None, help="sharpness probe interval (default: steps // 50)")
     ap.add_argument("--jobs", type=int, default=1, help="cells run in this many worker processes (default 1)")
+    ap.add_argument("--order-from", nargs="+", default=None,
+                    help="run the cells longest first, by their walls in these saved JSON files")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
     if args.table_from:
@@ -724,6 +743,14 @@ def main(argv=None):
     rows, for_figures = [], {}
     t_all = time.perf_counter()
     tasks = [(pname, name) for pname in problems for name in optimizers]
+    if args.order_from:
+        saved = [r for f in args.order_from for r in load_rows(f)]
+        labels = []
+        for pname, name in tasks:
+            problem = rf.get_problem(pname)
+            hp = make_cell_optimizer(problem, name, momentum_overrides(problem, name, args.momentum))[1]
+            labels.append(f"{pname} {_label(name, hp)}")
+        tasks = longest_first(tasks, labels, saved)
     cell_kw = dict(steps=steps, momentum=args.momentum, starts=starts, models=tuple(args.models.split(",")),
                    progress=args.progress and args.jobs == 1, probe_every=args.probe_every)
     for pname, name, cell_rows, cmps, wall in _run_cells(tasks, cell_kw, args.jobs, keep=args.figure_problem if args.figures else None):

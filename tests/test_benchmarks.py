@@ -108,3 +108,18 @@ def test_fidelity_cost_table_sums_cells_and_schedules_longest_first():
     assert table.index("| cnn | 90 | 60% |") < table.index("| toy | 60 | 40% |")
     rows[1]["cell_share_s"] = 35.0  # a pass that recorded its share of the oscillation statistics
     assert "| toy gd | default, pre_edge | 65 | rod (40) |" in fid.cost_table(rows, jobs=2)
+
+
+def test_fidelity_orders_cells_longest_first_by_saved_walls():
+    """``--order-from`` runs the costliest saved cells first and cells with no saved wall before
+    them, so ``--jobs`` workers are not left waiting on one long cell at the end."""
+    fid = _fidelity_script()
+    rows = [{"problem": "toy", "optimizer": "gd", "hyperparameters": {}, "start": s, "wall_s": 10.0}
+            for s in ("default", "pre_edge")]
+    rows.append({"problem": "cnn", "optimizer": "adam", "hyperparameters": {}, "start": "default", "wall_s": 50.0})
+    rows.append({"problem": "cnn", "optimizer": "heavy_ball", "hyperparameters": {"momentum": 0.9},
+                 "start": "default", "wall_s": 5.0})
+    tasks = [("toy", "gd"), ("cnn", "heavy_ball"), ("cnn", "adam"), ("new", "gd")]
+    labels = ["toy gd", "cnn heavy_ball (b=0.9)", "cnn adam", "new gd"]
+    assert fid.longest_first(tasks, labels, rows) == [("new", "gd"), ("cnn", "adam"), ("toy", "gd"), ("cnn", "heavy_ball")]
+
