@@ -86,7 +86,7 @@ def _ratio(a, b):
     return a / b if a is not None and b not in (None, 0) else None
 
 
-def oscillation_stats(loss_fn, params0, optimizer, num_steps, start):
+def oscillation_stats(loss_fn, params0, optimizer, num_steps, start, run=None):
     """Period-2 purity and amplitude of the discrete oscillation from step ``start`` on.
 
     With ``d_k = z_{k+1} - z_k``, the high-passed steps ``f_k = (2 d_k - d_{k-1} - d_{k+1})/4``
@@ -99,7 +99,8 @@ def oscillation_stats(loss_fn, params0, optimizer, num_steps, start):
       half-width of a period-2 oscillation with the drift removed (the half-step
       ``|z_{k+1} - z_k|/2`` also counts the drift, which dominates for the adaptive methods).
     """
-    run = rf.run_discrete(optimizer, loss_fn, params0, num_steps)
+    if run is None or len(run.saved_steps) < num_steps + 1:  # a comparison's run keeps every step unless too large
+        run = rf.run_discrete(optimizer, loss_fn, params0, num_steps)
     flat = np.concatenate([np.asarray(x).reshape(num_steps + 1, -1) for x in jax.tree.leaves(run.params)], 1)
     with np.errstate(all="ignore"):
         d = np.diff(flat[start:], axis=0)
@@ -226,9 +227,9 @@ def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "p
         K = pre_edge_start(K0, onset, steps)
         if (K > K0 or "default" not in starts) and K <= steps - 2:
             t = time.perf_counter()
-            cmps["pre_edge"] = rf.compare(loss_fn, params0, opt, steps, start_step=K, models=models, **kw)
+            cmps["pre_edge"] = rf.compare(loss_fn, params0, opt, steps, start_step=K, models=models, reuse=first, **kw)
             walls["pre_edge"] = time.perf_counter() - t
-    osc = oscillation_stats(loss_fn, params0, opt, steps, onset if onset is not None else K0)
+    osc = oscillation_stats(loss_fn, params0, opt, steps, onset if onset is not None else K0, first.discrete.run())
     rows = [summarise(problem, name, hp, c, kind, walls[kind], osc) for kind, c in cmps.items()]
     return rows, cmps
 

@@ -119,6 +119,14 @@ class DiscreteRun(NamedTuple):
     def params(self):
         return self.phase.params
 
+    @classmethod
+    def of(cls, rollout, i: int = 0) -> "DiscreteRun":
+        """Configuration ``i`` of a batched :class:`~rodflow_jax.experiments._engine.Rollout`."""
+        phase, slow = jax.tree.map(lambda x: x[i], rollout.saved)
+        div = int(rollout.diverged_at[i])
+        return cls(rollout.loss[i], rollout.saved_steps, phase, slow, div >= 0, div if div >= 0 else None,
+                   rollout.half[i], rollout.amplitude[i])
+
 
 def states_at(optimizer: AbstractOptimizer, loss_fn, params0, K: int):
     """``(z_K, s_K, z_{K+1}, s_{K+1})`` by a ``lax.scan`` of K steps: pure, so it can be jitted,
@@ -166,7 +174,4 @@ def run_discrete(
     batch = jax.tree.map(lambda x: jnp.asarray(x)[None], (optimizer, params0))
     r = rollout_batch(*batch, loss_fn, num_steps, save_steps, chunk_size=chunk_size, progress=progress,
                       desc=f"discrete {optimizer.name}")
-    phase, slow = jax.tree.map(lambda x: x[0], r.saved)
-    div = int(r.diverged_at[0])
-    return DiscreteRun(r.loss[0], r.saved_steps, phase, slow, div >= 0, div if div >= 0 else None,
-                       r.half[0], r.amplitude[0])
+    return DiscreteRun.of(r)

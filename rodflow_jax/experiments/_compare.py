@@ -31,6 +31,9 @@ class Comparison:
     metrics: dict[str, Any]
     trajectories: dict[str, np.ndarray]
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    # the discrete run and its probes, and what they were run on: ``compare(..., reuse=...)``
+    discrete: Any = dataclasses.field(default=None, repr=False, compare=False)
+    source: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def save(self, out_dir, *, overwrite: bool = False, title: str | None = None) -> Path:
         """Write ``metrics.json``, ``timings.json``, ``trajectories.npz`` and PNG figures to ``out_dir``,
@@ -77,6 +80,34 @@ def trajectories(ev: Evaluation, i: int = 0) -> dict[str, np.ndarray]:
     return traj
 
 
+def _same_tree(a, b) -> bool:
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    if ta != tb:
+        return False
+    for x, y in zip(la, lb):
+        if eqx.is_array_like(x) and eqx.is_array_like(y) and not (callable(x) or callable(y)):
+            if np.shape(x) != np.shape(y) or not np.array_equal(np.asarray(x), np.asarray(y)):
+                return False
+        elif x is not y and x != y:
+            return False
+    return True
+
+
+def _reused(reuse: "Comparison | None", source) -> Any:
+    """``reuse``'s discrete run when it was made on the same ``source`` (loss function, initial
+    parameters, optimizer and run settings); refused otherwise."""
+    if reuse is None:
+        return None
+    if reuse.discrete is None or reuse.source is None:
+        raise InputError("reuse: that comparison kept no discrete run (it was loaded, not computed)")
+    old, new = reuse.source, source
+    if old[0] is not new[0] or old[3:] != new[3:] or not _same_tree(old[1:3], new[1:3]):
+        raise InputError("reuse: that comparison ran another loss function, initial parameters, optimizer, number "
+                         "of steps or probe settings; its discrete run cannot be reused here")
+    return reuse.discrete
+
+
 def compare(
     loss_fn,
     params0,
@@ -92,6 +123,7 @@ def compare(
     flow_options: dict[str, dict] | None = None,
     progress=False,
     param_budget: float = 2e7,
+    reuse: Comparison | None = None,
 ) -> Comparison:
     """Run the discrete optimizer and the requested flows from one state and compare them.
 
@@ -102,7 +134,14 @@ def compare(
     for every metric). ``params0`` may be any pytree, an equinox module included: only its
     floating-point array leaves are trained. ``flow_options`` are passed to the flows'
     constructors by name (e.g. ``{"central": {"k": 3}}``).
+
+    ``reuse``: an earlier comparison of the same run (the same ``loss_fn`` object, equal
+    ``params0`` and optimizer, the same ``num_steps`` and probe settings) from another start step:
+    its discrete run and probes are reused instead of recomputed where it kept the states this
+    start needs (every step, unless the model is too large for that: then the run is made
+    afresh). Anything else is refused.
     """
+    source = (loss_fn, params0, optimizer, num_steps, probe_every, top_k, sharpness_method, param_budget)
     num_steps = resolve_steps(num_steps, num_steps)
     models = resolve_models(models, optimizer)
     K = resolve_start(start_step, [optimizer], num_steps)
@@ -117,8 +156,10 @@ def compare(
     opt = jax.tree.map(lambda x: jnp.asarray(x, dtype)[None] if eqx.is_array_like(x) and not callable(x) else x,
                        optimizer)
     params = jax.tree.map(lambda x: jnp.asarray(x)[None], params0)
+    discrete = _reused(reuse, source)
     ev = evaluate(loss_fn, opt, params, num_steps, K, models, threshold_quantity=optimizer.threshold_quantity,
                   flow_options=flow_options, solver=solver, probe_every=probe_every, top_k=top_k,
-                  sharpness_method=sharpness_method, param_budget=param_budget, progress=progress, batch=1)
+                  sharpness_method=sharpness_method, param_budget=param_budget, progress=progress, batch=1,
+                  discrete=discrete)
     metrics = {"optimizer": describe(optimizer), "models": models, **run_record(ev, 0, models)}
-    return Comparison(metrics, trajectories(ev, 0), ev.timings)
+    return Comparison(metrics, trajectories(ev, 0), ev.timings, ev.discrete, source)

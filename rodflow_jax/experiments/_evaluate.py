@@ -20,13 +20,14 @@ import jax
 import numpy as np
 
 from .. import _metrics as M
+from .._discrete import DiscreteRun
 from .._integrate import result_message
 from .._resources import relieve_map_pressure
 from .._sharpness import DENSE_MAX_PARAMS
 from ..flows import flow_kind
 from ..flows._registry import resolve
 from ..flows._rod import period_two_endpoints, period_two_order
-from ._engine import FlowArrays, ProbeArrays, _rows, probe_batch, rollout_batch, solve_batch
+from ._engine import FlowArrays, ProbeArrays, Rollout, _rows, probe_batch, rollout_batch, solve_batch
 from ._progress import say
 
 
@@ -40,6 +41,34 @@ class FlowResult:
     def message(self, i: int) -> str:
         code = int(self.arrays.result[i])
         return result_message(code, self.arrays.loss.dtype) if code else ""
+
+
+@dataclasses.dataclass
+class DiscreteEvaluation:
+    """The discrete half of an evaluation: one rollout and its probes on the comparison grid.
+
+    Evaluations of the same run from several start steps share it (``evaluate(...,
+    discrete=...)``; ``compare(..., reuse=...)``): the flows differ, the optimizer's run does not.
+    """
+
+    num_steps: int
+    num_params: int
+    every: int
+    grid: np.ndarray  # (G,) midpoint steps
+    probe_steps: np.ndarray  # (P,)
+    settings: tuple  # (top_k, probe method): the probes' own settings
+    rollout: Rollout
+    probes: ProbeArrays
+    timings: dict[str, float]
+
+    def covers(self, start_step: int) -> bool:
+        """Whether the states a flow from ``start_step`` starts from (its period-two window) were kept."""
+        need = np.arange(start_step, start_step + period_two_order(self.num_steps - start_step) + 1)
+        return bool(np.isin(need, self.rollout.saved_steps).all())
+
+    def run(self, i: int = 0) -> DiscreteRun:
+        """Configuration ``i``'s run as a :class:`~rodflow_jax.DiscreteRun` (its saved states)."""
+        return DiscreteRun.of(self.rollout, i)
 
 
 @dataclasses.dataclass
@@ -59,6 +88,7 @@ class Evaluation:
     probes: ProbeArrays
     flows: dict[str, FlowResult]
     timings: dict[str, float]
+    discrete: DiscreteEvaluation | None = None
 
     @property
     def flow_steps(self) -> np.ndarray:
@@ -100,32 +130,74 @@ def _period_two_states(states, window):
     return pick(p0, z0), s0, pick(p1, z1), s1
 
 
-def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models, *, threshold_quantity: str,
-             flow_options: dict | None = None, solver: dict | None = None, probe_every: int | None = None,
-             top_k: int = 1, sharpness_method: str = "auto", param_budget: float = 2e7, progress=False,
-             batch: int | None = None) -> Evaluation:
-    """Every model of ``models`` on the batch (``optimizer`` and ``params`` stacked, B configurations)."""
-    relieve_map_pressure()  # before this call's compilations, not in the middle of them
-    K, N = start_step, num_steps
-    leaves = jax.tree.leaves(params)
-    B = batch or int(leaves[0].shape[0])
-    n = sum(int(np.prod(x.shape[1:])) for x in leaves)
+def _num_params(params) -> int:
+    return sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(params))
+
+
+def discrete_evaluation(loss_fn, optimizer, params, num_steps: int, starts=(), *, probe_every: int | None = None,
+                        top_k: int = 1, sharpness_method: str = "auto", param_budget: float = 2e7, progress=False,
+                        batch: int | None = None) -> DiscreteEvaluation:
+    """The optimizer's run over the comparison grid (each grid step and the next kept), the
+    period-two windows of the flows' start steps ``starts`` kept too, and the probes at the grid's
+    probe steps."""
+    N = num_steps
+    B = batch or int(jax.tree.leaves(params)[0].shape[0])
+    n = _num_params(params)
     method = ("dense" if n <= DENSE_MAX_PARAMS else "lanczos") if sharpness_method == "auto" else sharpness_method
     every, grid, probe_steps = grids(n, N, B, probe_every, param_budget)
-    order = period_two_order(N - K)  # a rod's half-vector from z_K .. z_{K+order}
-    save = np.unique(np.concatenate([grid, grid + 1, np.arange(K, K + order + 1)]))
+    windows = [np.arange(K, K + period_two_order(N - K) + 1) for K in starts]
+    save = np.unique(np.concatenate([grid, grid + 1, *windows]))
     timings: dict[str, float] = {}
-
     t = time.perf_counter()
     r = rollout_batch(optimizer, params, loss_fn, N, save, progress=progress,
                       desc="discrete" if B == 1 else f"discrete ({B} configurations)")
     timings["discrete"] = time.perf_counter() - t
     pos = {int(s): j for j, s in enumerate(r.saved_steps)}
     phase, slow = r.saved
+    idx = [pos[int(k)] for k in probe_steps]
+    t = time.perf_counter()
+    probes = probe_batch(optimizer, loss_fn, *jax.tree.map(lambda x: x[:, idx], (phase.params, slow)), k=top_k,
+                         method=method, progress=progress, desc="discrete")
+    timings["discrete probes"] = time.perf_counter() - t
+    return DiscreteEvaluation(N, n, every, grid, probe_steps, (top_k, method), r, probes, timings)
+
+
+def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models, *, threshold_quantity: str,
+             flow_options: dict | None = None, solver: dict | None = None, probe_every: int | None = None,
+             top_k: int = 1, sharpness_method: str = "auto", param_budget: float = 2e7, progress=False,
+             batch: int | None = None, discrete: DiscreteEvaluation | None = None) -> Evaluation:
+    """Every model of ``models`` on the batch (``optimizer`` and ``params`` stacked, B configurations).
+
+    ``discrete``: the same run's :func:`discrete_evaluation` (the same loss, optimizer, initial
+    parameters and settings: the caller's promise), reused where it kept the states the flows start
+    from; otherwise the run is made afresh. A reused run's time is not in this evaluation's
+    ``timings``."""
+    relieve_map_pressure()  # before this call's compilations, not in the middle of them
+    K, N = start_step, num_steps
+    B = batch or int(jax.tree.leaves(params)[0].shape[0])
+    settings = dict(probe_every=probe_every, top_k=top_k, sharpness_method=sharpness_method,
+                    param_budget=param_budget, progress=progress, batch=B)
+    timings: dict[str, float] = {}
+    if discrete is not None:
+        every, grid, probe_steps = grids(_num_params(params), N, B, probe_every, param_budget)
+        n = _num_params(params)
+        method = ("dense" if n <= DENSE_MAX_PARAMS else "lanczos") if sharpness_method == "auto" else sharpness_method
+        same = (discrete.num_steps == N and discrete.every == every and np.array_equal(discrete.probe_steps, probe_steps)
+                and discrete.settings == (top_k, method))
+        if not same:
+            raise ValueError("evaluate: the discrete run passed was made with other steps or probe settings")
+    if discrete is None or not discrete.covers(K):
+        discrete = discrete_evaluation(loss_fn, optimizer, params, N, (K,), **settings)
+        timings.update(discrete.timings)
+    r, probes, grid, probe_steps = discrete.rollout, discrete.probes, discrete.grid, discrete.probe_steps
+    pos = {int(s): j for j, s in enumerate(r.saved_steps)}
+    phase, slow = r.saved
     P = _rows(phase.params)
     mid = 0.5 * (P[:, [pos[k] for k in grid]] + P[:, [pos[k + 1] for k in grid]])
     mid_K = 0.5 * (P[:, pos[K]] + P[:, pos[K + 1]])
     diverged = r.diverged_at >= 0
+    order = period_two_order(N - K)  # a rod's half-vector from z_K .. z_{K+order}
+    method = discrete.settings[1]
 
     def probe(params_, slow_, desc):
         t = time.perf_counter()
@@ -133,8 +205,6 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
         timings[f"{desc} probes"] = time.perf_counter() - t
         return out
 
-    idx = [pos[int(k)] for k in probe_steps]
-    probes = probe(*jax.tree.map(lambda x: x[:, idx], (phase.params, slow)), "discrete")
     avg = 0.5 * (r.loss[:, :-1] + r.loss[:, 1:])
 
     flows: dict[str, FlowResult] = {}
@@ -165,6 +235,5 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
             fidx = np.nonzero(np.isin(fgrid, probe_steps))[0]
             fprobes = probe(*jax.tree.map(lambda x: x[:, fidx], (fa.centre, fa.slow)), name)
             flows[name] = FlowResult(fa, fprobes, fgrid[fidx], err)
-    return Evaluation(N, K, n, threshold_quantity, every, grid, probe_steps, r.loss, avg, r.half, r.amplitude,
-                      r.diverged_at, probes, flows, timings)
-
+    return Evaluation(N, K, discrete.num_params, threshold_quantity, discrete.every, grid, probe_steps, r.loss, avg,
+                      r.half, r.amplitude, r.diverged_at, probes, flows, timings, discrete)

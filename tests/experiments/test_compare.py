@@ -83,3 +83,24 @@ def test_eos_onset_counts_from_the_first_return_below():
     assert eos_onset_step(steps, np.array([1.2, 1.1, 1.0, 1.0, 0.99, 1.0])) == 0  # starts at the edge, stays
     # a run held at 0.9 of the threshold (float32 rounding puts it a hair above) is not at the edge
     assert eos_fraction(steps, np.full(6, np.float32(0.9) + np.float32(3e-8))) == 0.0
+
+
+def test_compare_from_a_second_start_reuses_the_discrete_run():
+    """``reuse=`` takes an earlier comparison's discrete run and probes instead of recomputing
+    them: the records and trajectories equal a fresh comparison's, the reused run costs nothing
+    in ``timings``, and a comparison of another run is refused."""
+    loss, params = tiny_mlp()
+    opt = rf.make_optimizer("rmsprop", learning_rate=0.02)
+    first = rf.compare(loss, params, opt, 60, start_step=0, probe_every=10)
+    again = rf.compare(loss, params, opt, 60, start_step=24, probe_every=10, reuse=first)
+    fresh = rf.compare(loss, params, opt, 60, start_step=24, probe_every=10)
+    assert again.metrics == fresh.metrics and again.metrics["start_step"] == 24
+    assert again.trajectories.keys() == fresh.trajectories.keys()
+    for key, value in fresh.trajectories.items():
+        np.testing.assert_array_equal(again.trajectories[key], value, err_msg=key)
+    assert "discrete" in fresh.timings and "discrete" not in again.timings and "discrete probes" not in again.timings
+    with pytest.raises(rf.InputError, match="reuse"):
+        rf.compare(loss, params, rf.make_optimizer("rmsprop", learning_rate=0.03), 60, start_step=24,
+                   probe_every=10, reuse=first)
+    with pytest.raises(rf.InputError, match="reuse"):
+        rf.compare(loss, params, opt, 60, start_step=24, probe_every=20, reuse=first)
