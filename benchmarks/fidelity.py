@@ -18,6 +18,7 @@ README shows; ``--figures DIR`` also draws one figure per optimizer family.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -219,7 +220,8 @@ def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "p
     K0 = rf.default_start_step(opt)
     cmps, walls = {}, {}
     t = time.perf_counter()
-    first = rf.compare(loss_fn, params0, opt, steps, start_step=K0, models=models if "default" in starts else ["discrete"], **kw)
+    first = rf.compare(loss_fn, params0, opt, steps, start_step=K0, models=models if "default" in starts else ["discrete"],
+                       keep_discrete=True, **kw)
     if "default" in starts:
         cmps["default"], walls["default"] = first, time.perf_counter() - t
     onset = first.metrics["eos_onset_step"]
@@ -230,6 +232,8 @@ def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "p
             cmps["pre_edge"] = rf.compare(loss_fn, params0, opt, steps, start_step=K, models=models, reuse=first, **kw)
             walls["pre_edge"] = time.perf_counter() - t
     osc = oscillation_stats(loss_fn, params0, opt, steps, onset if onset is not None else K0, first.discrete.run())
+    if "default" in cmps:  # its run is not kept past the cell (nor pickled to the parent: it holds the loss)
+        cmps["default"] = dataclasses.replace(first, discrete=None, source=None)
     rows = [summarise(problem, name, hp, c, kind, walls[kind], osc) for kind, c in cmps.items()]
     return rows, cmps
 

@@ -7,6 +7,7 @@ sweep, plus the per-step trajectories and the figures.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -80,18 +81,33 @@ def trajectories(ev: Evaluation, i: int = 0) -> dict[str, np.ndarray]:
     return traj
 
 
+def _same_leaf(x, y) -> bool:
+    if x is y:
+        return True
+    if eqx.is_array_like(x) and eqx.is_array_like(y) and not (callable(x) or callable(y)):
+        x, y = np.asarray(x), np.asarray(y)
+        return x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
+    if inspect.ismethod(x) and inspect.ismethod(y):  # obj.loss is a new object at every access
+        return x.__self__ is y.__self__ and x.__func__ is y.__func__
+    if eqx.is_array_like(x) or eqx.is_array_like(y):
+        return False
+    try:
+        return bool(x == y)
+    except Exception:  # a leaf whose == is not a truth value
+        return False
+
+
 def _same_tree(a, b) -> bool:
     la, ta = jax.tree.flatten(a)
     lb, tb = jax.tree.flatten(b)
-    if ta != tb:
-        return False
-    for x, y in zip(la, lb):
-        if eqx.is_array_like(x) and eqx.is_array_like(y) and not (callable(x) or callable(y)):
-            if np.shape(x) != np.shape(y) or not np.array_equal(np.asarray(x), np.asarray(y)):
-                return False
-        elif x is not y and x != y:
-            return False
-    return True
+    return ta == tb and all(_same_leaf(x, y) for x, y in zip(la, lb))
+
+
+def _source(loss_fn, params0, optimizer, *settings) -> tuple:
+    """What a comparison's discrete run depends on, for ``reuse``: numpy leaves copied, so that a
+    later in-place change of the caller's arrays is seen as a change."""
+    copy = lambda x: np.array(x, copy=True) if isinstance(x, np.ndarray) else x  # noqa: E731
+    return (loss_fn, *jax.tree.map(copy, (params0, optimizer)), *settings)
 
 
 def _reused(reuse: "Comparison | None", source) -> Any:
@@ -100,11 +116,12 @@ def _reused(reuse: "Comparison | None", source) -> Any:
     if reuse is None:
         return None
     if reuse.discrete is None or reuse.source is None:
-        raise InputError("reuse: that comparison kept no discrete run (it was loaded, not computed)")
+        raise InputError("reuse: that comparison kept no discrete run (pass keep_discrete=True to the compare "
+                         "whose run you want to reuse)")
     old, new = reuse.source, source
-    if old[0] is not new[0] or old[3:] != new[3:] or not _same_tree(old[1:3], new[1:3]):
-        raise InputError("reuse: that comparison ran another loss function, initial parameters, optimizer, number "
-                         "of steps or probe settings; its discrete run cannot be reused here")
+    if old[3:] != new[3:] or not _same_tree(old[:3], new[:3]):
+        raise InputError("reuse: that comparison ran another loss function, initial parameters (values or dtype), "
+                         "optimizer, number of steps or probe settings; its discrete run cannot be reused here")
     return reuse.discrete
 
 
@@ -124,6 +141,7 @@ def compare(
     progress=False,
     param_budget: float = 2e7,
     reuse: Comparison | None = None,
+    keep_discrete: bool = False,
 ) -> Comparison:
     """Run the discrete optimizer and the requested flows from one state and compare them.
 
@@ -136,12 +154,17 @@ def compare(
     constructors by name (e.g. ``{"central": {"k": 3}}``).
 
     ``reuse``: an earlier comparison of the same run (the same ``loss_fn`` object, equal
-    ``params0`` and optimizer, the same ``num_steps`` and probe settings) from another start step:
-    its discrete run and probes are reused instead of recomputed where it kept the states this
-    start needs (every step, unless the model is too large for that: then the run is made
-    afresh). Anything else is refused.
+    ``params0`` and optimizer, the same ``num_steps`` and probe settings), made with
+    ``keep_discrete=True``, from another start step: its discrete run and probes are reused
+    instead of recomputed where it kept the states this start needs (every step, unless the model
+    is too large for that: then the run is made afresh). Anything else is refused.
+    ``keep_discrete``: keep this comparison's discrete run on the result for a later ``reuse``:
+    its saved states (the parameters and the optimizer's state at every step, or at every
+    ``every``-th step and the next for a model too large for that: a few times ``param_budget``
+    floats at most) and the loss function it ran. Off by default, so that holding many
+    comparisons does not hold their runs.
     """
-    source = (loss_fn, params0, optimizer, num_steps, probe_every, top_k, sharpness_method, param_budget)
+    source = _source(loss_fn, params0, optimizer, num_steps, probe_every, top_k, sharpness_method, param_budget)
     num_steps = resolve_steps(num_steps, num_steps)
     models = resolve_models(models, optimizer)
     K = resolve_start(start_step, [optimizer], num_steps)
@@ -162,4 +185,6 @@ def compare(
                   sharpness_method=sharpness_method, param_budget=param_budget, progress=progress, batch=1,
                   discrete=discrete)
     metrics = {"optimizer": describe(optimizer), "models": models, **run_record(ev, 0, models)}
+    if not keep_discrete:
+        return Comparison(metrics, trajectories(ev, 0), ev.timings)
     return Comparison(metrics, trajectories(ev, 0), ev.timings, ev.discrete, source)

@@ -8,6 +8,9 @@ kernels of :mod:`._engine`; this module only decides the grids and lines the arr
 * the *probe steps*: the grid steps that are multiples of ``probe_every`` (default ``N // 50``);
 * the flows run over ``K .. N - 1`` (the last midpoint), each stopped where its configuration's
   discrete run diverged.
+
+The discrete half (the rollout on the grid and its probes, :func:`discrete_evaluation`) does not
+depend on K, so evaluations of one run from several start steps may share it.
 """
 
 from __future__ import annotations
@@ -134,6 +137,12 @@ def _num_params(params) -> int:
     return sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(params))
 
 
+def _probe_method(num_params: int, sharpness_method: str) -> str:
+    if sharpness_method != "auto":
+        return sharpness_method
+    return "dense" if num_params <= DENSE_MAX_PARAMS else "lanczos"
+
+
 def discrete_evaluation(loss_fn, optimizer, params, num_steps: int, starts=(), *, probe_every: int | None = None,
                         top_k: int = 1, sharpness_method: str = "auto", param_budget: float = 2e7, progress=False,
                         batch: int | None = None) -> DiscreteEvaluation:
@@ -143,7 +152,7 @@ def discrete_evaluation(loss_fn, optimizer, params, num_steps: int, starts=(), *
     N = num_steps
     B = batch or int(jax.tree.leaves(params)[0].shape[0])
     n = _num_params(params)
-    method = ("dense" if n <= DENSE_MAX_PARAMS else "lanczos") if sharpness_method == "auto" else sharpness_method
+    method = _probe_method(n, sharpness_method)
     every, grid, probe_steps = grids(n, N, B, probe_every, param_budget)
     windows = [np.arange(K, K + period_two_order(N - K) + 1) for K in starts]
     save = np.unique(np.concatenate([grid, grid + 1, *windows]))
@@ -179,11 +188,10 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
                     param_budget=param_budget, progress=progress, batch=B)
     timings: dict[str, float] = {}
     if discrete is not None:
-        every, grid, probe_steps = grids(_num_params(params), N, B, probe_every, param_budget)
         n = _num_params(params)
-        method = ("dense" if n <= DENSE_MAX_PARAMS else "lanczos") if sharpness_method == "auto" else sharpness_method
+        every, grid, probe_steps = grids(n, N, B, probe_every, param_budget)
         same = (discrete.num_steps == N and discrete.every == every and np.array_equal(discrete.probe_steps, probe_steps)
-                and discrete.settings == (top_k, method))
+                and discrete.settings == (top_k, _probe_method(n, sharpness_method)))
         if not same:
             raise ValueError("evaluate: the discrete run passed was made with other steps or probe settings")
     if discrete is None or not discrete.covers(K):

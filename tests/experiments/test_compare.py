@@ -1,5 +1,6 @@
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -91,7 +92,7 @@ def test_compare_from_a_second_start_reuses_the_discrete_run():
     in ``timings``, and a comparison of another run is refused."""
     loss, params = tiny_mlp()
     opt = rf.make_optimizer("rmsprop", learning_rate=0.02)
-    first = rf.compare(loss, params, opt, 60, start_step=0, probe_every=10)
+    first = rf.compare(loss, params, opt, 60, start_step=0, probe_every=10, keep_discrete=True)
     again = rf.compare(loss, params, opt, 60, start_step=24, probe_every=10, reuse=first)
     fresh = rf.compare(loss, params, opt, 60, start_step=24, probe_every=10)
     assert again.metrics == fresh.metrics and again.metrics["start_step"] == 24
@@ -104,3 +105,29 @@ def test_compare_from_a_second_start_reuses_the_discrete_run():
                    probe_every=10, reuse=first)
     with pytest.raises(rf.InputError, match="reuse"):
         rf.compare(loss, params, opt, 60, start_step=24, probe_every=20, reuse=first)
+    assert fresh.discrete is None  # not kept unless asked
+    with pytest.raises(rf.InputError, match="keep_discrete"):
+        rf.compare(loss, params, opt, 60, start_step=0, probe_every=10, reuse=fresh)
+    with pytest.raises(rf.InputError, match="dtype"):  # equal values in another precision: another run
+        rf.compare(loss, jax.tree.map(lambda x: x.astype(jnp.float32), params), opt, 60, start_step=24,
+                   probe_every=10, reuse=first)
+    # equal but distinct inputs are the same run; a reused comparison kept again serves a third start
+    chained = rf.compare(loss, jax.tree.map(jnp.copy, params), rf.make_optimizer("rmsprop", learning_rate=0.02), 60,
+                         start_step=24, probe_every=10, reuse=first, keep_discrete=True)
+    assert "discrete" not in chained.timings and chained.metrics == fresh.metrics
+    third = rf.compare(loss, params, opt, 60, start_step=40, probe_every=10, reuse=chained)
+    assert "discrete" not in third.timings and third.metrics["start_step"] == 40
+
+
+def test_reuse_runs_afresh_where_the_start_was_not_kept():
+    """A model too large to keep every step keeps every ``every``-th and the next: a later start
+    whose period-two window falls between them is run afresh, with the same result."""
+    loss, params = tiny_mlp()
+    opt = rf.make_optimizer("gd", learning_rate=0.5)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    kw = dict(probe_every=12, param_budget=n * 61 / 2.5)  # every = 3: steps 0, 1, 3, 4, 6, 7, ... kept
+    first = rf.compare(loss, params, opt, 60, start_step=0, keep_discrete=True, **kw)
+    assert not first.discrete.covers(24) and first.discrete.every == 3
+    again = rf.compare(loss, params, opt, 60, start_step=24, reuse=first, **kw)
+    assert "discrete" in again.timings
+    assert again.metrics == rf.compare(loss, params, opt, 60, start_step=24, **kw).metrics
