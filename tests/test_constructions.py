@@ -139,15 +139,15 @@ def test_a_converged_flow_that_stalls_is_held_and_says_so():
     pts = np.arange(100, 200, 5)
     loss = np.where(ts <= 170, -1.0, np.inf)
     still = np.where(pts[:, None] <= 170, 2.0 + 1e-9 * np.sin(pts)[:, None], np.inf) * np.ones((1, 2))
-    sol, notes = hold_converged(_sol(still, loss, budget), ts, pts, jnp.float64)
+    sol, notes = hold_converged(_sol(still, loss, budget), ts, pts, 1e-6)
     assert sol[5][0] == 0 and "held fixed from step 170" in notes[0]
     assert np.all(sol[0][0] == -1.0) and np.isfinite(sol[2][0]).all()
     # a centre creeping at its minimum by what the stiff solve resolves (rtol 1e-6; here 3e-6 of
     # its norm over the window, as deep-linear scalar NAdam's 1.0e-6 at step 432) is held too
     creeping = np.where(pts[:, None] <= 170, 2.0 * (1 + 1e-7 * (pts[:, None] - 100)), np.inf) * np.ones((1, 2))
     stalled = int(diffrax.RESULTS.dt_min_reached._value)
-    sol, notes = hold_converged(_sol(creeping, loss, stalled), ts, pts, jnp.float64)
+    sol, notes = hold_converged(_sol(creeping, loss, stalled), ts, pts, 1e-6)
     assert sol[5][0] == 0 and "held fixed from step 170" in notes[0]
     moving = np.where(pts[:, None] <= 170, 2.0 + 1e-3 * pts[:, None], np.inf) * np.ones((1, 2))
-    sol, notes = hold_converged(_sol(moving, loss, budget), ts, pts, jnp.float64)
+    sol, notes = hold_converged(_sol(moving, loss, budget), ts, pts, 1e-6)
     assert sol[5][0] == budget and notes[0] == ""  # a real failure stays one

@@ -19,7 +19,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from .._discrete import init_carry, rollout_chunk
-from .._integrate import SolverConfig, default_solver, implicit_retry, is_implicit, solve, solver_name, stiff_tolerances
+from .._integrate import SolverConfig, default_solver, implicit_retry, is_implicit, solve, solver_name
 from .._sharpness import probe_trajectory
 from ..flows import flow_kind
 from ..flows._registry import resolve
@@ -151,7 +151,8 @@ def solve_batch(kind: str, optimizer, loss_fn, states, ts, param_ts, stop_at, *,
                                         dict(options or {}), sol, dtype, progress)
     else:
         names = np.full(len(sol[5]), solver_name(config), dtype=object)
-    sol, notes = hold_converged(sol, ts_p, pts_p, dtype)
+    # every row was solved (or retried) at the tolerance of this config: the hold rule's scale
+    sol, notes = hold_converged(sol, ts_p, pts_p, (config or default_solver(shape, dtype)).rtol)
     loss, half, centre, slow, var = sol[:5]
     trim = lambda x, k: x[:, :k]  # noqa: E731
     construction = shape.construction
@@ -163,16 +164,14 @@ _STALLED = {int(diffrax.RESULTS.max_steps_reached._value), int(diffrax.RESULTS.d
 HOLD_WINDOW = 50  # steps
 
 
-def hold_converged(sol, ts, param_ts, dtype):
+def hold_converged(sol, ts, param_ts, rtol: float):
     """Rows whose solve stalled (budget or step-size floor) *after their centre had converged*
     are held fixed from the last solved step, and say so; the rest are returned unchanged.
 
     Converged: over the last ``HOLD_WINDOW`` solved steps (at least 20, two saved centres) the
-    centre moved less than 10x the stiff solve's ``rtol`` of its norm (1e-5 in float64, 1e-4 in
-    float32), i.e. it was stationary to within what the solver resolves. (Until stop 32 this was
-    10x the explicit ``rtol``, 1e-6; when the stiff solve moved to rtol 1e-6 at stop 31 that became
-    1x its own, and deep-linear scalar NAdam, whose centre creeps by 1.0e-6 over its last 50
-    steps at its minimum, stopped being held and was reported as leaving its domain.) Measured
+    centre moved less than ``10 rtol`` of its norm, ``rtol`` being the relative tolerance the rows
+    were solved at (a stiff stable flow's 1e-6 in float64: 1e-5), i.e. it was stationary to within
+    what the solver resolves. Measured
     where this happens (README, "Stiff stable flows"): the stable flow of an Adam-type optimizer
     sits at a minimum (|grad| ~1e-10) while ``sqrt(nu)`` decays to ``eps``, and the
     preconditioned field ``m / (sqrt(nu) + eps)`` turns sign-like: it chatters, every implicit
@@ -185,7 +184,7 @@ def hold_converged(sol, ts, param_ts, dtype):
     if not np.isin(result, list(_STALLED)).any():
         return sol, notes  # the usual case: no copy of the centres
     ts, param_ts = np.asarray(ts), np.asarray(param_ts)
-    tol = 10 * stiff_tolerances(dtype)[0]
+    tol = 10 * rtol
     rows = _rows(sol[2])  # (B, m, d) centres at param_ts
     held = []
     for b in np.nonzero(np.isin(result, list(_STALLED)))[0]:
