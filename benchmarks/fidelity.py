@@ -34,6 +34,7 @@ jax.config.update("jax_enable_x64", True)
 
 import rodflow_jax as rf  # noqa: E402
 from rodflow_jax.experiments import write_json  # noqa: E402
+from rodflow_jax.flows._second_order import DERIVATIVES  # noqa: E402
 
 PROBLEMS = ["toy", "deep-linear", "mlp-digits", "cnn-digits", "transformer-sort"]
 OPTIMIZERS = list(rf.OPTIMIZERS)
@@ -207,16 +208,30 @@ def summarise(problem, name, hp, cmp, start_kind, wall, osc):
     return row
 
 
-def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "pre_edge"), models=("discrete", "stable", "rod"), progress=False, probe_every=None):
+def derivative_options(models, optimizer, derivative):
+    """``flow_options`` that make each second-order model in ``models`` (``"rod"`` where it runs
+    one for ``optimizer``) evaluate its correction by ``derivative`` (``None``: their default)."""
+    if derivative is None:
+        return None
+    from rodflow_jax.flows._registry import resolve
+
+    return {m: {"derivative": derivative} for m in models if m in rf.FLOWS and rf.FLOWS[resolve(m, optimizer)].second_order}
+
+
+def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "pre_edge"), models=("discrete", "stable", "rod"), progress=False, probe_every=None,
+             derivative=None):
     """Rows for one cell, one per start: ``default`` (``rf.default_start_step``) and
     ``pre_edge`` (``PRE_EDGE * steps`` before the discrete onset; skipped where it would not
-    come after the default start). Returns ``(rows, {start: Comparison})``."""
+    come after the default start). ``derivative``: how the second-order rods evaluate their
+    correction (``rodflow_jax.flows._second_order.DERIVATIVES``; recorded on the rows when
+    given). Returns ``(rows, {start: Comparison})``."""
     loss_fn, params0 = problem.make(0)
     opt, hp = make_cell_optimizer(problem, name, overrides)
     if rf.FLOWS["inertial"].supports(opt) is not None:  # the inertial flows exist for the momentum methods only
         models = [m for m in models if not m.startswith("inertial")]
     steps = steps or problem.default_steps
-    kw = dict(probe_every=probe_every or max(1, steps // 50), progress=progress)
+    kw = dict(probe_every=probe_every or max(1, steps // 50), progress=progress,
+              flow_options=derivative_options(models, opt, derivative))
     K0 = rf.default_start_step(opt)
     cmps, walls = {}, {}
     t = time.perf_counter()
@@ -235,6 +250,9 @@ def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "p
     if "default" in cmps:  # its run is not kept past the cell (nor pickled to the parent: it holds the loss)
         cmps["default"] = dataclasses.replace(first, discrete=None, source=None)
     rows = [summarise(problem, name, hp, c, kind, walls[kind], osc) for kind, c in cmps.items()]
+    if kw["flow_options"]:
+        for r in rows:
+            r["derivative"] = derivative
     return rows, cmps
 
 
@@ -674,12 +692,13 @@ def plot_family(family, results, out_path, problem_name=""):
     plt.close(fig)
 
 
-def _cell_task(pname, name, steps, momentum, starts, models, progress, probe_every, keep):
+def _cell_task(pname, name, steps, momentum, starts, models, progress, probe_every, derivative, keep):
     """One cell in a worker: ``(pname, name, rows, comparisons kept for figures, wall s)``."""
     t = time.perf_counter()
     problem = rf.get_problem(pname)
     cell_rows, cmps = run_cell(problem, name, steps, overrides=momentum_overrides(problem, name, momentum),
-                               starts=starts, models=models, progress=progress, probe_every=probe_every)
+                               starts=starts, models=models, progress=progress, probe_every=probe_every,
+                               derivative=derivative)
     return pname, name, cell_rows, (cmps if pname == keep else {}), time.perf_counter() - t
 
 
@@ -717,6 +736,8 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=1, help="cells run in this many worker processes (default 1)")
     ap.add_argument("--order-from", nargs="+", default=None,
                     help="run the cells longest first, by their walls in these saved JSON files")
+    ap.add_argument("--derivative", default=None, choices=DERIVATIVES,
+                    help="how the second-order rods evaluate their correction (default: theirs, jvp)")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
     if args.table_from:
@@ -757,7 +778,7 @@ def main(argv=None):
             labels.append(f"{pname} {_label(name, hp)}")
         tasks = longest_first(tasks, labels, saved)
     cell_kw = dict(steps=steps, momentum=args.momentum, starts=starts, models=tuple(args.models.split(",")),
-                   progress=args.progress and args.jobs == 1, probe_every=args.probe_every)
+                   progress=args.progress and args.jobs == 1, probe_every=args.probe_every, derivative=args.derivative)
     for pname, name, cell_rows, cmps, wall in _run_cells(tasks, cell_kw, args.jobs, keep=args.figure_problem if args.figures else None):
         overhead = (wall - sum(r["wall_s"] for r in cell_rows)) / max(1, len(cell_rows))
         for r in cell_rows:  # the row's share of the cell: its compare, and its part of the statistics

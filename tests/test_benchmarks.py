@@ -123,3 +123,16 @@ def test_fidelity_orders_cells_longest_first_by_saved_walls():
     labels = ["toy gd", "cnn heavy_ball (b=0.9)", "cnn adam", "new gd"]
     assert fid.longest_first(tasks, labels, rows) == [("new", "gd"), ("cnn", "adam"), ("toy", "gd"), ("cnn", "heavy_ball")]
 
+
+
+def test_fidelity_derivative_reaches_only_the_second_order_rods():
+    """``--derivative`` becomes a flow option for the models that run a second-order rod (``rod``
+    where it resolves to ``rod2``, and ``rod2`` by name), and for nothing else."""
+    import rodflow_jax as rf
+
+    fid = _fidelity_script()
+    models = ("discrete", "stable", "rod", "rod1", "rod2")
+    gd, adam = rf.make_optimizer("gd", learning_rate=0.1), rf.make_optimizer("adam", learning_rate=0.01)
+    assert fid.derivative_options(models, gd, None) is None
+    assert fid.derivative_options(models, gd, "fd") == {"rod": {"derivative": "fd"}, "rod2": {"derivative": "fd"}}
+    assert fid.derivative_options(models, adam, "fd") == {"rod2": {"derivative": "fd"}}  # its rod is inertial

@@ -10,7 +10,8 @@ import rodflow_jax as rf
 from rodflow_jax._integrate import default_solver
 from rodflow_jax._tree import tree_add, tree_sub
 from rodflow_jax.flows import InertialState, RodState, StableState
-from rodflow_jax.flows._second_order import SecondOrderFlow, second_order, second_order_solver
+from rodflow_jax.flows._second_order import (DERIVATIVES, SAMPLE_FRACTION, SecondOrderFlow, second_order,
+                                             second_order_solver)
 from rodflow_jax.optimizers import Phase
 from helpers import flat, lr_for, tiny_mlp
 
@@ -98,14 +99,17 @@ def test_centre_modes_move_at_the_second_order_rate():
     assert np.all(np.abs(second - (1 - x)) < np.abs(first - (1 - x)) / 10)
 
 
-def test_difference_form_is_the_jvp_form_on_a_quadratic_and_differs_at_third_order():
-    """``derivative="difference"`` (``2 v - v(y + v/2)``) is the default ``v - Dv[v]/2`` exactly on
-    a linear field; on a nonlinear one it differs from the ``jvp`` form by ``-(1/8) D^2v[v, v]``
-    up to ``O(eta^4)``: GD's rod on the tiny MLP at ``eta`` and ``eta/2``."""
+@pytest.mark.parametrize("derivative", ["difference", "fd"])
+def test_difference_forms_are_the_jvp_form_on_a_quadratic_and_differ_at_third_order(derivative):
+    """The finite-difference forms, ``v - (v(y + a v) - v) / (2 a)`` (``"difference"``: ``a = 1/2``,
+    ``2 v - v(y + v/2)``; ``"fd"``: ``a = 1/100``), are the default ``v - Dv[v]/2`` exactly on a
+    linear field (to rounding, ``~u/a``); on a nonlinear one they differ from the ``jvp`` form by
+    ``-(a/4) D^2v[v, v]`` up to ``O(a^2 v^4)``: GD's rod on the tiny MLP at ``eta`` and ``eta/2``."""
+    a = SAMPLE_FRACTION[derivative]
     rod, y = _quadratic_rod(0.2)
     exact = flat(_field(second_order(rod, derivative="jvp"), y))
-    np.testing.assert_allclose(flat(_field(second_order(rod, derivative="difference"), y)), exact, rtol=1e-12,
-                               atol=1e-15)
+    np.testing.assert_allclose(flat(_field(second_order(rod, derivative=derivative), y)), exact, rtol=1e-12 / a,
+                               atol=1e-15 / a)
     loss, params = tiny_mlp()
     rel = []
     for lr in (0.2, 0.1):
@@ -115,12 +119,22 @@ def test_difference_form_is_the_jvp_form_on_a_quadratic_and_differs_at_third_ord
         f = lambda z: rod.vector_field(0.0, z, None)  # noqa: E731
         v = f(y)
         d2 = jax.jvp(lambda z: jax.jvp(f, (z,), (v,))[1], (y,), (v,))[1]
-        gap = flat(_field(second_order(rod, derivative="difference"), y)) - flat(_field(second_order(rod), y))
-        predicted = -flat(d2) / 8
+        gap = flat(_field(second_order(rod, derivative=derivative), y)) - flat(_field(second_order(rod), y))
+        predicted = -a * flat(d2) / 4
         rel.append(np.linalg.norm(gap - predicted) / np.linalg.norm(predicted))
-    assert rel[0] < 0.2 and rel[1] < 0.6 * rel[0], rel  # O(eta) relative: halves with eta
+    # O(a eta) relative: halves with eta, and is a/(1/2) times smaller for the near-tangent sample
+    assert rel[0] < 0.4 * a and rel[1] < 0.6 * rel[0], rel
     with pytest.raises(ValueError, match="derivative"):
         second_order(rod, derivative="linearize")
+
+
+def test_the_derivative_option_reaches_the_second_order_rod():
+    """``flow_options={"rod2": {"derivative": ...}}`` (as ``compare`` passes it) picks the form;
+    the default is ``jvp``."""
+    opt, loss, z0, s0, z1, s1 = _start("gd", steps=2)
+    assert rf.make_flow("rod2", opt, loss, z0, s0, z1, s1)[0].derivative == "jvp"
+    for d in DERIVATIVES:
+        assert rf.make_flow("rod2", opt, loss, z0, s0, z1, s1, derivative=d)[0].derivative == d
 
 
 def test_difference_form_stays_in_the_domain_where_a_backward_point_leaves_it():

@@ -36,6 +36,8 @@ class FlowKind:
     # whether the drivers start it from the iterates' period-2 part (z0, z1 replaced by
     # ``period_two_endpoints`` of z_K .. z_{K+PERIOD_TWO_ORDER}; see flows/_rod.py)
     period_two_start: bool = False
+    # whether it is a second-order (corrected) flow: it takes the option ``derivative``
+    second_order: bool = False
     description: str = ""
 
     def check(self, optimizer: AbstractOptimizer) -> None:
@@ -57,11 +59,14 @@ def _inertial_start(rod: bool):
 
 def _second(start, exact_growth: bool = True):
     """The second-order (backward-error-corrected) version of a flow's start, with the growth
-    along its oscillation made exact (``exact_growth``, the default) or not (``rod2_plain``)."""
+    along its oscillation made exact (``exact_growth``, the default) or not (``rod2_plain``);
+    the option ``derivative`` is how the correction is evaluated
+    (:meth:`~rodflow_jax.flows._second_order.SecondOrderFlow.corrected_field`), the others go to
+    the flow's own start."""
 
-    def corrected(*args, **kw):
+    def corrected(*args, derivative: str = "jvp", **kw):
         flow, y0 = start(*args, **kw)
-        return second_order(flow, exact_growth=exact_growth), y0
+        return second_order(flow, exact_growth=exact_growth, derivative=derivative), y0
 
     return corrected
 
@@ -106,17 +111,18 @@ FLOWS: dict[str, FlowKind] = {
         FlowKind("rod1", rod_flow, models_oscillation=True, predicts_variance=True, period_two_start=True,
                  description="the first-order rod flow (generator R - id)"),
         FlowKind("rod2", _second(rod_flow), models_oscillation=True, predicts_variance=True, period_two_start=True,
-                 description="the second-order rod flow (backward-error-corrected generator v - Dv[v]/2, "
+                 second_order=True, description="the second-order rod flow (backward-error-corrected generator v - Dv[v]/2, "
                              "its growth along r exact)"),
         FlowKind("rod2_plain", _second(rod_flow, exact_growth=False), models_oscillation=True, predicts_variance=True,
-                 period_two_start=True, description="rod2 without the exact growth along r (the ablation)"),
+                 period_two_start=True, second_order=True, description="rod2 without the exact growth along r (the ablation)"),
         FlowKind("central", _from_one_state(central_flow), _central.supports, predicts_variance=True,
                  description="the time-averaged iterate (Cohen et al. 2025)"),
         FlowKind("inertial", _inertial_start(True), _inertial.supports, models_oscillation=True,
                  predicts_variance=True, description="the inertial rod flow: a rod in velocity form (momentum methods, the Adam family)"),
         FlowKind("inertial2", _second(_inertial_start(True)), _inertial.supports, models_oscillation=True,
-                 predicts_variance=True, description="the inertial rod flow, second-order corrected (unstable at "
-                                                     "momentum: see rodflow_jax/flows/_second_order.py)"),
+                 predicts_variance=True, second_order=True,
+                 description="the inertial rod flow, second-order corrected (unstable at momentum: see "
+                             "rodflow_jax/flows/_second_order.py)"),
         FlowKind("inertial_stable", _inertial_start(False), _inertial.supports,
                  description="the inertial rod flow's r = 0 limit"),
     )
