@@ -201,7 +201,7 @@ def fidelity_cell(dtype, pname, name, kw):
     import fidelity  # sets float64 on import: set the precision after it
 
     set_precision(dtype)
-    pname, name, rows, _, wall = fidelity._cell_task(pname, name, **kw, keep=None)
+    pname, name, _, rows, _, wall = fidelity._cell_task(pname, name, **kw, keep=None)
     for r in rows:
         r["dtype"] = str(jnp.result_type(*jax.tree.leaves(fidelity.rf.get_problem(pname).make(0)[1])))
     return pname, name, rows, wall

@@ -10,6 +10,8 @@ shortly before the edge (``K = onset - pre``). The flow recipe is the same in ev
     python benchmarks/fidelity.py --quick --out /tmp/fidelity_quick.json         # CI size
     python benchmarks/fidelity.py --problems mlp-digits --optimizers gd,adam     # a subset
     python benchmarks/fidelity.py --jobs 2 --order-from OLD.json ...              # longest cells first
+    python benchmarks/fidelity.py --jobs 2 --momentum own,0.9 ...                 # + the momentum-0.9 cells, one pool
+    python benchmarks/fidelity.py --derivative fd ...                             # rod2's correction by a forward difference
 
 Writes a JSON list (one object per cell and start) and prints the markdown table that the
 README shows; ``--figures DIR`` also draws one figure per optimizer family.
@@ -76,6 +78,32 @@ def momentum_overrides(problem, name, momentum):
         return None
     factor = MOMENTUM_09_LR_FACTOR[name] if momentum == 0.9 else 1.0
     return {"momentum": momentum, "learning_rate": problem.learning_rates[name] * factor}
+
+
+def parse_momenta(spec):
+    """``--momentum``: ``None`` (the problems' own), or a comma list of values, ``own`` for the
+    problems' own (``"own,0.9"``: the main cells and the momentum-0.9 ones in one pool)."""
+    if spec is None:
+        return [None]
+    try:
+        return [None if m.strip() == "own" else float(m) for m in str(spec).split(",")]
+    except ValueError:
+        raise SystemExit(f"--momentum: expected numbers or 'own', got {spec!r}") from None
+
+
+def grid_tasks(problems, optimizers, momenta):
+    """The grid's cells as ``{(problem, optimizer, momentum): "problem label"}``, in order; a
+    momentum that does not change a cell (an optimizer without momentum) gives it once."""
+    tasks = {}
+    for pname in problems:
+        problem = rf.get_problem(pname)
+        for name in optimizers:
+            for m in momenta:
+                overrides = momentum_overrides(problem, name, m)
+                cell = f"{pname} {_label(name, make_cell_optimizer(problem, name, overrides)[1])}"
+                if cell not in tasks.values():
+                    tasks[(pname, name, m if overrides else None)] = cell
+    return tasks
 
 
 def _window_mean(x, mask):
@@ -692,28 +720,28 @@ def plot_family(family, results, out_path, problem_name=""):
     plt.close(fig)
 
 
-def _cell_task(pname, name, steps, momentum, starts, models, progress, probe_every, derivative, keep):
-    """One cell in a worker: ``(pname, name, rows, comparisons kept for figures, wall s)``."""
+def _cell_task(pname, name, momentum, steps, starts, models, progress, probe_every, keep, derivative=None):
+    """One cell in a worker: ``(pname, name, momentum, rows, comparisons kept for figures, wall s)``."""
     t = time.perf_counter()
     problem = rf.get_problem(pname)
     cell_rows, cmps = run_cell(problem, name, steps, overrides=momentum_overrides(problem, name, momentum),
                                starts=starts, models=models, progress=progress, probe_every=probe_every,
                                derivative=derivative)
-    return pname, name, cell_rows, (cmps if pname == keep else {}), time.perf_counter() - t
+    return pname, name, momentum, cell_rows, (cmps if pname == keep else {}), time.perf_counter() - t
 
 
 def _run_cells(tasks, cell_kw, jobs, keep):
     """Yield finished cells: in order with ``jobs == 1``, as they finish with ``jobs`` worker
     processes (each its own JAX runtime; on a GPU they share it, with preallocation off)."""
     if jobs == 1:
-        for pname, name in tasks:
-            yield _cell_task(pname, name, **cell_kw, keep=keep)
+        for task in tasks:
+            yield _cell_task(*task, **cell_kw, keep=keep)
         return
     import concurrent.futures as cf
     import multiprocessing as mp
 
     with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_cell_task, pname, name, **cell_kw, keep=keep) for pname, name in tasks]
+        futures = [pool.submit(_cell_task, *task, **cell_kw, keep=keep) for task in tasks]
         for f in cf.as_completed(futures):
             yield f.result()
 
@@ -729,7 +757,9 @@ def main(argv=None):
     ap.add_argument("--figure-problem", default="mlp-digits")
     ap.add_argument("--starts", default=None, help="comma list of default,pre_edge (default: both)")
     ap.add_argument("--models", default="discrete,stable,rod", help="comma list; add inertial,inertial_stable (momentum methods) or central")
-    ap.add_argument("--momentum", type=float, default=None, help="override heavy ball/Nesterov momentum (e.g. 0.9)")
+    ap.add_argument("--momentum", default=None,
+                    help="override heavy ball/Nesterov momentum (e.g. 0.9); a comma list runs each value, "
+                         "'own' for the problem's (own,0.9: the main and the momentum-0.9 cells in one pool)")
     ap.add_argument("--table-from", nargs="+", default=None,
                     help="print the table from JSON files, run nothing (FILE:rod2=rod2_plain reads a file's rod2 as rod2_plain)")
     ap.add_argument("--probe-every", type=int, default=None, help="sharpness probe interval (default: steps // 50)")
@@ -768,27 +798,23 @@ def main(argv=None):
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), {platform.processor() or platform.machine()}", flush=True)
     rows, for_figures = [], {}
     t_all = time.perf_counter()
-    tasks = [(pname, name) for pname in problems for name in optimizers]
+    label = grid_tasks(problems, optimizers, parse_momenta(args.momentum))  # {(problem, optimizer, momentum): cell}
+    tasks = list(label)
     if args.order_from:
-        saved = [r for f in args.order_from for r in load_rows(f)]
-        labels = []
-        for pname, name in tasks:
-            problem = rf.get_problem(pname)
-            hp = make_cell_optimizer(problem, name, momentum_overrides(problem, name, args.momentum))[1]
-            labels.append(f"{pname} {_label(name, hp)}")
-        tasks = longest_first(tasks, labels, saved)
-    cell_kw = dict(steps=steps, momentum=args.momentum, starts=starts, models=tuple(args.models.split(",")),
+        tasks = longest_first(tasks, [label[t] for t in tasks], [r for f in args.order_from for r in load_rows(f)])
+    rank = {label[t]: i for i, t in enumerate(tasks)}
+    cell_kw = dict(steps=steps, starts=starts, models=tuple(args.models.split(",")),
                    progress=args.progress and args.jobs == 1, probe_every=args.probe_every, derivative=args.derivative)
-    for pname, name, cell_rows, cmps, wall in _run_cells(tasks, cell_kw, args.jobs, keep=args.figure_problem if args.figures else None):
+    for pname, name, momentum, cell_rows, cmps, wall in _run_cells(tasks, cell_kw, args.jobs, keep=args.figure_problem if args.figures else None):
         overhead = (wall - sum(r["wall_s"] for r in cell_rows)) / max(1, len(cell_rows))
         for r in cell_rows:  # the row's share of the cell: its compare, and its part of the statistics
             r["cell_share_s"] = round(r["wall_s"] + overhead, 1)
         rows.extend(cell_rows)
-        if cmps:
+        if cmps and (name not in for_figures or momentum is None):  # a figure shows the problem's own momentum
             for_figures[name] = next(iter(cmps.values()))
         for r in cell_rows:
             print(
-                f"{pname:16s} {name:15s} K={r['start_step']:4d} onset={r['eos_onset_step']} "
+                f"{pname:16s} {_label(name, r['hyperparameters']):22s} K={r['start_step']:4d} onset={r['eos_onset_step']} "
                 + " ".join(f"{f}={_fmt(r[f'{f}_error_final'])}" for f in rf.FLOWS if f"{f}_error_final" in r)
                 + f" ratio={_fmt(r['error_ratio_final'], '.1f')}"
                 + f" ({wall:.0f} s)",
@@ -796,8 +822,7 @@ def main(argv=None):
             )
         if args.out:  # written after every cell, so a long run leaves its partial results
             write_json(Path(args.out), rows)
-    order = {task: i for i, task in enumerate(tasks)}
-    rows.sort(key=lambda r: order.get((r["problem"], r["optimizer"]), len(order)))
+    rows.sort(key=lambda r: rank.get(f"{r['problem']} {_label(r['optimizer'], r['hyperparameters'])}", len(rank)))
     if args.out:
         write_json(Path(args.out), rows)
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s ({args.jobs} job(s))\n")

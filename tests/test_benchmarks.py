@@ -136,3 +136,16 @@ def test_fidelity_derivative_reaches_only_the_second_order_rods():
     assert fid.derivative_options(models, gd, None) is None
     assert fid.derivative_options(models, gd, "fd") == {"rod": {"derivative": "fd"}, "rod2": {"derivative": "fd"}}
     assert fid.derivative_options(models, adam, "fd") == {"rod2": {"derivative": "fd"}}  # its rod is inertial
+
+
+def test_fidelity_runs_the_main_and_momentum_cells_in_one_pool():
+    """``--momentum own,0.9`` lists each cell once: the momentum methods at both momenta, the
+    others once; ``--momentum 0.9`` alone keeps the others at their own settings, as before."""
+    fid = _fidelity_script()
+    assert fid.parse_momenta(None) == [None] and fid.parse_momenta("own,0.9") == [None, 0.9]
+    with pytest.raises(SystemExit, match="momentum"):
+        fid.parse_momenta("0.9,high")
+    tasks = fid.grid_tasks(["toy"], ["gd", "heavy_ball"], [None, 0.9])
+    assert list(tasks) == [("toy", "gd", None), ("toy", "heavy_ball", None), ("toy", "heavy_ball", 0.9)]
+    assert tasks[("toy", "heavy_ball", 0.9)] == "toy heavy_ball (b=0.9)"
+    assert list(fid.grid_tasks(["toy"], ["gd", "nesterov"], [0.9])) == [("toy", "gd", None), ("toy", "nesterov", 0.9)]
