@@ -110,8 +110,8 @@ the default.
 
 ``derivative="fd"`` samples close to ``y`` instead, at ``y + v/100``: the ``jvp`` form's numbers up
 to ``-(1/400) D^2v[v, v]`` (the ``difference`` form's term is 50x that), at the same cost as the
-``difference`` form. On cnn-digits RMSProp (300 steps, default start) it takes 1.58x less time per
-simulated step than the ``jvp`` form (79 s against 125 s, 496 against 503 solver steps) with the
+``difference`` form. On cnn-digits RMSProp (300 steps, default start) it takes 1.59x less time per
+simulated step than the ``jvp`` form (74 s against 118 s, 496 against 503 solver steps) with the
 same errors (final 0.0335 against 0.0332, the ``difference`` form 0.0395). It is not the default
 either, because it moves the catapults: where ``|r|`` is tiny (before the edge) the r-part of
 ``v`` is the rounding of a difference of the endpoints' gradients, ``~u |g|``, and the forward
