@@ -76,22 +76,30 @@ class DiscreteEvaluation:
 
 @dataclasses.dataclass
 class Evaluation:
-    num_steps: int
+    """The flows from ``start_step`` and the discrete half they were compared with (whose run,
+    grid and probes the properties below read)."""
+
     start_step: int
-    num_params: int
     threshold_quantity: str
-    every: int
-    grid: np.ndarray  # (G,) midpoint steps
-    probe_steps: np.ndarray  # (P,)
-    loss: np.ndarray  # (B, N+1)
-    avg_loss: np.ndarray  # (B, N)
-    half: np.ndarray  # (B, N)
-    amplitude: np.ndarray  # (B, N)
-    diverged_at: np.ndarray  # (B,)
-    probes: ProbeArrays
+    discrete: DiscreteEvaluation
     flows: dict[str, FlowResult]
     timings: dict[str, float]
-    discrete: DiscreteEvaluation | None = None
+
+    num_steps = property(lambda self: self.discrete.num_steps)
+    num_params = property(lambda self: self.discrete.num_params)
+    every = property(lambda self: self.discrete.every)
+    grid = property(lambda self: self.discrete.grid, doc="(G,) midpoint steps")
+    probe_steps = property(lambda self: self.discrete.probe_steps, doc="(P,)")
+    probes = property(lambda self: self.discrete.probes, doc="the discrete run's probes")
+    loss = property(lambda self: self.discrete.rollout.loss, doc="(B, N+1)")
+    half = property(lambda self: self.discrete.rollout.half, doc="(B, N)")
+    amplitude = property(lambda self: self.discrete.rollout.amplitude, doc="(B, N)")
+    diverged_at = property(lambda self: self.discrete.rollout.diverged_at, doc="(B,)")
+
+    @property
+    def avg_loss(self) -> np.ndarray:
+        """(B, N): the discrete ``(L_k + L_{k+1}) / 2``."""
+        return 0.5 * (self.loss[:, :-1] + self.loss[:, 1:])
 
     @property
     def flow_steps(self) -> np.ndarray:
@@ -197,7 +205,7 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
     if discrete is None or not discrete.covers(K):
         discrete = discrete_evaluation(loss_fn, optimizer, params, N, (K,), **settings)
         timings.update(discrete.timings)
-    r, probes, grid, probe_steps = discrete.rollout, discrete.probes, discrete.grid, discrete.probe_steps
+    r, grid, probe_steps = discrete.rollout, discrete.grid, discrete.probe_steps
     pos = {int(s): j for j, s in enumerate(r.saved_steps)}
     phase, slow = r.saved
     P = _rows(phase.params)
@@ -243,5 +251,4 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
             fidx = np.nonzero(np.isin(fgrid, probe_steps))[0]
             fprobes = probe(*jax.tree.map(lambda x: x[:, fidx], (fa.centre, fa.slow)), name)
             flows[name] = FlowResult(fa, fprobes, fgrid[fidx], err)
-    return Evaluation(N, K, discrete.num_params, threshold_quantity, discrete.every, grid, probe_steps, r.loss, avg,
-                      r.half, r.amplitude, r.diverged_at, probes, flows, timings, discrete)
+    return Evaluation(K, threshold_quantity, discrete, flows, timings)
