@@ -11,7 +11,7 @@ shortly before the edge (``K = onset - pre``). The flow recipe is the same in ev
     python benchmarks/fidelity.py --problems mlp-digits --optimizers gd,adam     # a subset
     python benchmarks/fidelity.py --jobs 2 --order-from OLD.json ...              # longest cells first
     python benchmarks/fidelity.py --jobs 2 --momentum own,0.9 ...                 # + the momentum-0.9 cells, one pool
-    python benchmarks/fidelity.py --derivative fd ...                             # rod2's correction by a forward difference
+    python benchmarks/fidelity.py --derivative fd ...                             # rod2 by a forward difference
 
 Writes a JSON list (one object per cell and start) and prints the markdown table that the
 README shows; ``--figures DIR`` also draws one figure per optimizer family.
@@ -243,11 +243,12 @@ def derivative_options(models, optimizer, derivative):
         return None
     from rodflow_jax.flows._registry import resolve
 
-    return {m: {"derivative": derivative} for m in models if m in rf.FLOWS and rf.FLOWS[resolve(m, optimizer)].second_order}
+    second = [m for m in models if m in rf.FLOWS and rf.FLOWS[resolve(m, optimizer)].second_order]
+    return {m: {"derivative": derivative} for m in second}
 
 
-def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "pre_edge"), models=("discrete", "stable", "rod"), progress=False, probe_every=None,
-             derivative=None):
+def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "pre_edge"),
+             models=("discrete", "stable", "rod"), progress=False, probe_every=None, derivative=None):
     """Rows for one cell, one per start: ``default`` (``rf.default_start_step``) and
     ``pre_edge`` (``PRE_EDGE * steps`` before the discrete onset; skipped where it would not
     come after the default start). ``derivative``: how the second-order rods evaluate their

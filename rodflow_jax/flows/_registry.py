@@ -111,10 +111,12 @@ FLOWS: dict[str, FlowKind] = {
         FlowKind("rod1", rod_flow, models_oscillation=True, predicts_variance=True, period_two_start=True,
                  description="the first-order rod flow (generator R - id)"),
         FlowKind("rod2", _second(rod_flow), models_oscillation=True, predicts_variance=True, period_two_start=True,
-                 second_order=True, description="the second-order rod flow (backward-error-corrected generator v - Dv[v]/2, "
+                 second_order=True,
+                 description="the second-order rod flow (backward-error-corrected generator v - Dv[v]/2, "
                              "its growth along r exact)"),
         FlowKind("rod2_plain", _second(rod_flow, exact_growth=False), models_oscillation=True, predicts_variance=True,
-                 period_two_start=True, second_order=True, description="rod2 without the exact growth along r (the ablation)"),
+                 period_two_start=True, second_order=True,
+                 description="rod2 without the exact growth along r (the ablation)"),
         FlowKind("central", _from_one_state(central_flow), _central.supports, predicts_variance=True,
                  description="the time-averaged iterate (Cohen et al. 2025)"),
         FlowKind("inertial", _inertial_start(True), _inertial.supports, models_oscillation=True,

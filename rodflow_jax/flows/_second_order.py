@@ -122,8 +122,9 @@ GD 175 -> 163 (177), mlp-digits GD 337 -> 325 (344), toy RMSProp 187 -> 181 (186
 scalar RMSProp 174 -> 167 (187), mlp-digits Nesterov (pre-edge) 242 -> 235 (246). In 11 of the
 13 rows where both fire, the ``fd`` rod's first catapult is 6-12 steps earlier than the ``jvp``
 rod's (the other two: -1, +1); the first catapult within 3 % (or 15 steps) of the discrete one
-goes from 13 to 11 of the 14 rows that catapult, the same count stays 8/14. The seed is the catapult clock, so the cheaper derivative costs exactly
-what the rod is for; use it where the trajectory, not the timing, is the question.
+goes from 13 to 11 of the 14 rows that catapult, the same count stays 8/14. The seed is the
+catapult clock, so the cheaper derivative costs exactly what the rod is for; use it where the
+trajectory, not the timing, is the question.
 A backward sample (``(3 v(y - v/3) - v)/2``, which matches the ``D^2 v`` term of ``log R``) can
 also leave the domain: it takes a second moment far below ``g^2`` negative.
 
@@ -193,10 +194,10 @@ class SecondOrderFlow(AbstractFlow):
         """``(v, v - (1/2) Dv[v] + ...)`` at ``y``: the first-order field and its second-order
         correction, by ``derivative`` (see the module, *Cost*):
 
-        - ``"jvp"`` (the default): ``v - (1/2) Dv[v]`` with ``Dv[v]`` from one ``jax.jvp`` of ``v`` (forward over
-          the reverse-mode gradients inside ``v``). ``jax.linearize`` would save its primal pass but
-          stores the residuals of the endpoints' sequential loop and was 2.7x slower on cnn-digits
-          (``benchmarks/endpoints.py``, stop 17);
+        - ``"jvp"`` (the default): ``v - (1/2) Dv[v]`` with ``Dv[v]`` from one ``jax.jvp`` of
+          ``v`` (forward over the reverse-mode gradients inside ``v``). ``jax.linearize`` would save
+          its primal pass but stores the residuals of the endpoints' sequential loop and was 2.7x
+          slower on cnn-digits (``benchmarks/endpoints.py``, stop 17);
         - ``"fd"``: ``Dv[v]`` by a forward difference, ``(v(y + a v) - v) / a`` with ``a = 1/100``:
           ``v - (1/2) Dv[v] - (a/4) D^2v[v, v] + O(a^2 v^4)``: the ``jvp`` form up to a
           third-order term 1/33 of the one by which the ``jvp`` form differs from ``log R``
@@ -205,7 +206,7 @@ class SecondOrderFlow(AbstractFlow):
           per simulated step on cnn-digits (module, *Cost*);
         - ``"difference"``: the same at ``a = 1/2``, ``2 v - v(y + v/2) = v - (1/2) Dv[v] - (1/8)
           D^2v[v, v] + O(v^4)``: 2.5x the ``jvp`` form's third-order error against ``log R``, and
-          wrong where a map step is large against the state (the module);
+          wrong where a map step is large against the state (the module).
 
         All three are exactly equal on a linear field. ``y + a v`` lies between ``y`` and the map's
         image ``y + v``, so it is a valid state wherever both are and the state space is convex
