@@ -311,7 +311,9 @@ def probe_batch(optimizer, loss_fn, params, slow, *, k: int = 1, method: str = "
         return ProbeArrays(np.zeros((B, 0, k)), np.zeros((B, 0)), np.zeros((B, 0), int))
     first = jax.tree.map(lambda x: x[0, 0], params)
     flat = ravel_pytree(first)[0]
-    v = jax.random.normal(jax.random.PRNGKey(0), (B,) + flat.shape, flat.dtype)
+    # one start vector for every configuration: a draw per batch position would give a shard's
+    # configurations other vectors than the whole sweep gives them (test_shard.py)
+    v = jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(0), flat.shape, flat.dtype), (B,) + flat.shape)
     ev, thr, hv = [], [], []
     pad = -m % chunk
     padded = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:, -1:], pad, axis=1)], 1) if pad else x,

@@ -209,3 +209,33 @@ def test_distributed_two_processes_equal_one(tmp_path):
     assert outs[0][1].strip().splitlines()[-1].endswith("pass --overwrite to replace it")
     assert outs[1][1].strip().splitlines()[-1] == "rodflow: error: process 0 cannot write the output folder (its " \
         "log says why)"
+
+
+def test_a_configurations_probes_do_not_depend_on_its_place_in_the_batch():
+    """Lanczos probes (more than 32 parameters) of a configuration are the same alone and at any
+    position of a batch: the start vector is one draw, not one per batch position, so a shard's
+    rows equal the whole sweep's (until stop 33 a shard's configurations started from the first
+    rows' vectors, and its sharpness and HVP counts differed from the whole sweep's)."""
+    import jax
+    import jax.numpy as jnp
+    from helpers import tiny_mlp
+
+    import rodflow_jax as rf
+    from rodflow_jax.experiments._engine import probe_batch, stack_trees
+
+    loss, _ = tiny_mlp()
+    points = [tiny_mlp(seed)[1] for seed in range(3)]  # three configurations' states, two probes each
+    opt = rf.make_optimizer("gd", learning_rate=0.1)
+    slow = opt.init(points[0])[1]
+
+    def probes(idx):
+        params = stack_trees([stack_trees([points[i], jax.tree.map(lambda x: 1.1 * x, points[i])]) for i in idx])
+        slows = stack_trees([stack_trees([slow, slow]) for _ in idx])
+        return probe_batch(stack_trees([opt] * len(idx)), loss, params, slows, method="lanczos")
+
+    whole = probes([0, 1, 2])
+    for i in range(3):
+        alone = probes([i])
+        np.testing.assert_array_equal(alone.hvps[0], whole.hvps[i])
+        np.testing.assert_allclose(alone.eigenvalues[0], whole.eigenvalues[i], rtol=1e-13)
+    assert int(jnp.asarray(whole.hvps).min()) > 0
