@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._host import to_host as to_host
+
 
 def config_sharding(devices) -> jax.sharding.NamedSharding | None:
     """A ``NamedSharding`` splitting the leading (configuration) axis over ``devices``
@@ -52,26 +54,6 @@ def pad_and_shard(tree, sharding):
         return place(x, sharding)
 
     return jax.tree.map(pad, tree)
-
-
-def to_host(tree, take=None):
-    """NumPy copies of a pytree's array leaves (``take``: only those indices of axis 1). A global
-    array this process cannot read alone (under ``jax.distributed``) is indexed on the devices and
-    then gathered with ``process_allgather``, a collective: every process must call this at the
-    same point, and every process gets the whole array."""
-
-    def one(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
-            if take is not None and len(take) == 0:  # nothing to gather (the same on every process)
-                return np.zeros((x.shape[0], 0, *x.shape[2:]), x.dtype)
-
-            return np.asarray(multihost_utils.process_allgather(x if take is None else x[:, take], tiled=True))
-        x = np.asarray(x)
-        return x if take is None else x[:, take]
-
-    return jax.tree.map(one, tree)
 
 
 def is_primary() -> bool:

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._errors import InputError
+from .._host import to_host
 from .._tree import tree_add, tree_mean2, tree_norm, tree_stack2, tree_sub, tree_unstack2, tree_zeros_like
 from ..optimizers import AbstractMomentumMethod, AbstractOptimizer, Phase, Slow
 from ._base import AbstractFlow, over_endpoints, slow_scale
@@ -71,7 +72,7 @@ def supports(optimizer: AbstractOptimizer) -> str | None:
                 "does not declare: its momentum cannot be rebuilt from a velocity without knowing the update rule; "
                 "for optax.sgd(momentum=b[, nesterov=True]) use --optimizer heavy_ball or nesterov, which equal it")
     beta = optimizer.momentum_decay()
-    if not isinstance(beta, jax.core.Tracer) and not np.all(np.asarray(beta) > 0):  # a batch: every one
+    if not isinstance(beta, jax.core.Tracer) and not np.all(to_host(beta) > 0):  # a batch (maybe sharded): every one
         return "the inertial flows need momentum > 0 (at 0 the method is GD: use the rod flow)"
     return None
 

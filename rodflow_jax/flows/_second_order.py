@@ -146,6 +146,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._host import to_host
 from .._tree import tree_axpy, tree_sub, tree_sum_squares, tree_vdot
 from ..optimizers import Phase
 from ._base import AbstractFlow
@@ -306,7 +307,7 @@ def second_order_margin(optimizer) -> float | None:
     beta = optimizer.momentum_decay()
     if isinstance(beta, jax.core.Tracer):
         return None
-    return min(_margin(type(optimizer), float(b)) for b in np.unique(np.asarray(beta)))
+    return min(_margin(type(optimizer), float(b)) for b in np.unique(to_host(beta)))  # a batch may be sharded
 
 
 @functools.lru_cache(maxsize=256)

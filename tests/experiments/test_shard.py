@@ -172,9 +172,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_distributed_two_processes_equal_one(tmp_path):
-    """2 processes x 2 fake CPU devices (gloo collectives): one global mesh of 4 devices."""
-    args = ["sweep", "--problem", "toy", "--optimizer", "gd", "--learning-rate", "0.3,0.4,0.5", "--seeds", "2",
+@pytest.mark.parametrize("optimizer", ["gd", "heavy_ball"])
+def test_distributed_two_processes_equal_one(tmp_path, optimizer):
+    """2 processes x 2 fake CPU devices (gloo collectives): one global mesh of 4 devices. Heavy
+    ball also reads its (sharded) momentum on the host to pick its rod construction, which raised
+    on a global array until stop 33 (the Adam family's inertial rod likewise)."""
+    args = ["sweep", "--problem", "toy", "--optimizer", optimizer, "--learning-rate", "0.3,0.4,0.5", "--seeds", "2",
             "--steps", "30", "--models", "discrete,rod", "--probe-every", "5", "--float64", "--no-progress"]
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
@@ -239,3 +242,16 @@ def test_a_configurations_probes_do_not_depend_on_its_place_in_the_batch():
         np.testing.assert_array_equal(alone.hvps[0], whole.hvps[i])
         np.testing.assert_allclose(alone.eigenvalues[0], whole.eigenvalues[i], rtol=1e-13)
     assert int(jnp.asarray(whole.hvps).min()) > 0
+
+
+def test_a_shard_whose_every_configuration_diverged_merges(tmp_path):
+    """A shard whose configurations all diverge before the flows' start has no flow to run; it
+    still writes every model's arrays (NaN), so the shards merge into the whole sweep (until stop
+    33 merge refused them: "hold different arrays")."""
+    grid = {"learning_rate": [0.3, 0.4, 1e3]}  # the second shard: lr 1e3 alone, diverged at once
+    whole = sweep(toy, "gd", grid, [0], STEPS, **KW).save(tmp_path / "whole")
+    parts = [sweep(toy, "gd", grid, [0], STEPS, shard=(i, 2), **KW).save(tmp_path / f"s{i}") for i in range(2)]
+    last = json.loads((parts[1] / "sweep.json").read_text())
+    assert all(r["discrete"]["diverged"] for r in last)
+    merge_shards(parts, tmp_path / "merged")
+    _same_sweep(whole, tmp_path / "merged")
