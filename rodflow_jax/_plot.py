@@ -42,7 +42,11 @@ def loss_scale(ax, *series) -> None:
     """Log axis only for a positive loss; symlog (linear around 0) for one that goes negative."""
     vals = np.concatenate([np.asarray(x, float).ravel() for x in series])
     vals = vals[np.isfinite(vals)]
-    if vals.size == 0 or vals.min() > 0:
+    if vals.size == 0:  # every run diverged: a log axis with nothing on it cannot place its ticks
+        ax.text(0.5, 0.5, "no finite values (diverged)", transform=ax.transAxes, ha="center", va="center",
+                fontsize=9, color="0.4")
+        return
+    if vals.min() > 0:
         ax.set_yscale("log")
         return
     pos = np.abs(vals[vals != 0])

@@ -177,8 +177,14 @@ def sweep(
         records.append({**rec, **run_record(ev, i, models)})
     arrays = {"discrete_loss": ev.loss[:B], "probe_steps": ev.probe_steps,
               "discrete_sharpness": ev.probes.eigenvalues[:B, :, 0], "discrete_threshold": ev.probes.threshold[:B]}
-    for name, f in ev.flows.items():
-        arrays[f"{name}_loss"] = f.arrays.loss[:B]
+    # a flow is NaN where its configuration's run diverged before it could start (K + 1), also when
+    # no configuration of this batch started it: a row is the same alone, in a shard or in the sweep
+    started = ((ev.diverged_at < 0) | (ev.diverged_at > K + 1))[:B, None]
+    for name in models:
+        if name != "discrete":
+            f = ev.flows.get(name)
+            loss = f.arrays.loss[:B] if f else np.full((B, num_steps - K), np.nan, ev.loss.dtype)
+            arrays[f"{name}_loss"] = np.where(started, loss, np.nan)
     info = {"problem": spec.label, "optimizer": label, "num_steps": num_steps, "start_step": K,
             "seeds": seeds, "grid": {k: list(map(float, v)) for k, v in grid.items()}, "fixed": base,
             "models": models, "probe_every": int(ev.probe_steps[1] - ev.probe_steps[0]) if len(ev.probe_steps) > 1

@@ -172,3 +172,17 @@ def test_cli_sweep_of_a_builtin_needs_no_grid(tmp_path):
     assert rc == 0
     (rec,) = json.loads((out / "sweep.json").read_text())
     assert rec["hyperparameters"] == {} and rec["optimizer"]["learning_rate"] == pytest.approx(0.18)
+
+
+def test_figures_of_a_sweep_whose_every_run_diverged(tmp_path):
+    """A shard (or a sweep) in which every configuration diverged has no finite final loss: its
+    figures are still drawn (a log axis with nothing on it made matplotlib raise, a traceback
+    after the run had finished, and the atomic save then wrote nothing)."""
+    from rodflow_jax._sweep_plot import plot_sweep
+
+    nothing = {"final_loss": None, "sharpness_ratio_final": None}
+    records = [{"hyperparameters": {"learning_rate": lr}, "seed": s, "discrete": dict(nothing), "rod": dict(nothing)}
+               for lr in (0.3, 0.4) for s in (0, 1)]
+    written = plot_sweep(records, tmp_path, title="all diverged")
+    assert [p.name for p in written] == ["sweep_loss.png", "sweep_sharpness.png"]
+    assert all(p.stat().st_size > 0 for p in written)
