@@ -113,11 +113,23 @@ class Evaluation:
         with np.errstate(invalid="ignore", divide="ignore"):
             return self.probes.eigenvalues[i][:, 0] / self.probes.threshold[i]
 
+    def started(self, i: int) -> bool:
+        """Whether configuration ``i``'s flows started (:func:`flows_start`)."""
+        return bool(flows_start(self.diverged_at[i], self.start_step))
+
     def onset(self, i: int) -> int | None:
         return M.eos_onset_step(self.probe_steps, self.ratio(i))
 
     def predicts_variance(self, name: str) -> bool:
         return flow_kind(name).predicts_variance
+
+
+def flows_start(diverged_at, start_step: int):
+    """Which configurations' flows start: those whose discrete run did not diverge by step
+    ``K + 1`` (the flows need ``z_K`` and ``z_{K+1}``). The one rule for every batch, so that a
+    configuration gets the same record and arrays alone, in a shard or in the whole sweep."""
+    diverged_at = np.asarray(diverged_at)
+    return (diverged_at < 0) | (diverged_at > start_step + 1)
 
 
 def grids(num_params: int, num_steps: int, batch: int, probe_every: int | None, param_budget: float):
@@ -225,8 +237,7 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
 
     flows: dict[str, FlowResult] = {}
     fgrid = grid[grid >= K]
-    live = ~diverged | (r.diverged_at > K + 1)
-    if live.any():
+    if flows_start(r.diverged_at, K).any():
         states = tuple(jax.tree.map(lambda x: x[:, pos[j]], s) for j in (K, K + 1) for s in (phase, slow))
         rod_states = None  # built when the first model that starts from it needs it
         stop = np.where(diverged, np.maximum(r.diverged_at, K) - 1.0, np.inf)

@@ -218,10 +218,8 @@ def run_record(ev, i: int, models) -> dict[str, Any]:
         "first_catapult_step": d.first_catapult_step,
         "discrete": d.to_json(),
     }
-    div = int(ev.diverged_at[i])
-    started = div < 0 or div > ev.start_step + 1  # as evaluate decides; alone or in any batch, the same record
     for name in models:
-        if name in ev.flows and started:
+        if name in ev.flows and ev.started(i):  # alone or in any batch, the same record
             out[name] = flow_record(ev, name, i).to_json()
         elif name != "discrete":
             out[name] = missing_flow(name, ev.start_step, "the discrete run diverged before the start step").to_json()

@@ -26,7 +26,7 @@ import numpy as np
 from .._errors import InputError
 from ..optimizers import describe
 from ._engine import stack_trees
-from ._evaluate import evaluate
+from ._evaluate import evaluate, flows_start
 from ._merge import check_shard, fingerprint, shard_range
 from ._progress import say
 from ._records import run_record
@@ -177,9 +177,9 @@ def sweep(
         records.append({**rec, **run_record(ev, i, models)})
     arrays = {"discrete_loss": ev.loss[:B], "probe_steps": ev.probe_steps,
               "discrete_sharpness": ev.probes.eigenvalues[:B, :, 0], "discrete_threshold": ev.probes.threshold[:B]}
-    # a flow is NaN where its configuration's run diverged before it could start (K + 1), also when
-    # no configuration of this batch started it: a row is the same alone, in a shard or in the sweep
-    started = ((ev.diverged_at < 0) | (ev.diverged_at > K + 1))[:B, None]
+    # a flow is NaN where it did not start (its run diverged by K + 1), also when no configuration
+    # of this batch started it: a row is the same alone, in a shard or in the sweep
+    started = flows_start(ev.diverged_at, K)[:B, None]
     for name in models:
         if name != "discrete":
             f = ev.flows.get(name)

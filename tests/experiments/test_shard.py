@@ -206,6 +206,8 @@ def test_distributed_two_processes_equal_one(tmp_path, optimizer):
     _same_sweep(tmp_path / "one", tmp_path / "dist", rtol=1e-9)
     info = json.loads((tmp_path / "dist" / "sweep_info.json").read_text())
     assert info["devices"] == 4 and info["processes"] == 2
+    if optimizer != "gd":  # the refusal below does not depend on the optimizer
+        return
     # process 0 alone checks the output folder; its refusal stops both processes, before any compute
     codes, outs = launch(_free_port())
     assert codes == [2, 2]
