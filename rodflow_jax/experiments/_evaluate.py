@@ -16,6 +16,7 @@ depend on K, so evaluations of one run from several start steps may share it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 
@@ -96,9 +97,9 @@ class Evaluation:
     amplitude = property(lambda self: self.discrete.rollout.amplitude, doc="(B, N)")
     diverged_at = property(lambda self: self.discrete.rollout.diverged_at, doc="(B,)")
 
-    @property
+    @functools.cached_property
     def avg_loss(self) -> np.ndarray:
-        """(B, N): the discrete ``(L_k + L_{k+1}) / 2``."""
+        """(B, N): the discrete ``(L_k + L_{k+1}) / 2`` (computed once: every record reads it)."""
         return 0.5 * (self.loss[:, :-1] + self.loss[:, 1:])
 
     @property
