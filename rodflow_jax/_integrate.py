@@ -322,19 +322,24 @@ def solver_name(config: SolverConfig) -> str:
 
 def half_atol(dtype, atol: float) -> float:
     """The floor of the second-order rods' tolerance on ``r`` (:class:`HalfTolerance`: relative to
-    ``|r|`` above it, up to the centre's ``atol``): ``1e-3 atol``, but never below ``1e3`` rounding
-    units (float64: 1e-12 where the centre has 1e-9; float32: ``atol`` itself).
+    ``|r|`` above it, up to the centre's ``atol``).
 
-    Why (measured, README "Catapults and a second-order generator"): before the edge the rod's
-    r-modes decay to rounding level in the discrete run, and the first catapult grows from
-    what is left there. Held to the centre's ``atol``, the solver leaves ``|r|`` at the
-    tolerance (~1e-8 on mlp-digits instead of ~1e-14) and the corrected rod fires its first
-    catapult 20-22 steps early; at ``1e-3 atol`` it fires within 1-4 steps (mlp-digits and an
-    unseen tanh network). Below ~1e3 rounding units of ``|c|`` the error estimate of ``r``
-    (computed from ``c + r`` and ``c - r``) would be rounding noise and stall the controller.
+    float64: ``eps^2`` (5e-32), i.e. ``r`` is held to a tolerance relative to its own size at any
+    size that occurs. Before the edge ``r`` decays to the level at which the rounding of each step
+    holds it (the rounding seed, :meth:`~rodflow_jax.flows.RodFlow.add_rounding_seed`: about
+    1e-17-1e-15 times ``|c|``), and the first catapult grows from there; a floor above that level
+    puts the solver's error in the seed's place (the floor was ``1e-3 atol = 1e-12`` until stop 34;
+    at ``atol`` itself, ~1e-8 on mlp-digits, the corrected rod fired 20-22 steps early). The field
+    samples short rods at length ``sqrt(u) |c|`` (:meth:`~rodflow_jax.flows.RodFlow.sampled_half`),
+    so ``r``'s part of it is not rounding noise at any size.
+
+    float32: ``atol`` itself. Its rounding seed, ``~u |c|`` with ``u = 6e-8``, is at the solver's
+    ``atol`` (1e-7) already, and the sampled difference rounds to a relative ``sqrt(u) = 2.4e-4``,
+    above float32's ``rtol`` (1e-5): a relative tolerance there would chase rounding.
     """
-    eps = float(jnp.finfo(dtype).eps)
-    return min(atol, max(1e-3 * atol, 1e3 * eps))
+    if jnp.dtype(dtype) != jnp.float64:
+        return atol
+    return min(atol, float(jnp.finfo(dtype).eps) ** 2)
 
 
 def default_solver(flow: AbstractFlow, dtype, *, differentiable: bool = False) -> SolverConfig:
@@ -371,10 +376,10 @@ class HalfTolerance(diffrax.AbstractAdaptiveStepSizeController):
     ``o_i`` of the oscillation ``o`` (``|o|`` its two-norm, the larger at the step's two ends),
     where every other component keeps ``atol + rtol |y_i|``.
 
-    So a small rod (``|o| <= half_atol / rtol``: before the edge, where it decays to rounding level
-    and seeds the first catapult) is held to ``half_atol`` (:func:`half_atol`), a growing one to
-    the relative accuracy ``rtol`` of its own size, and a large one (``|o| >= atol / rtol``: at the
-    edge, whose flat components are tiny) to the centre's ``atol``. A per-component ``half_atol``
+    So a small or growing rod (before the edge, where it decays to the rounding seed that the
+    first catapult grows from) is held to the relative accuracy ``rtol`` of its own size, down to
+    ``half_atol`` (:func:`half_atol`: in float64 far below that seed), and a large one
+    (``|o| >= atol / rtol``: at the edge, whose flat components are tiny) to the centre's ``atol``. A per-component ``half_atol``
     (stop 20-29: ``r`` integrated as ``r atol / half_atol``) held those flat components of a
     large rod to ``half_atol`` too: on mlp-digits (GD, ``rod2``, 1,000 steps) it cost 1.75x the
     solver steps after the first catapult and about the same before it.
@@ -477,7 +482,7 @@ def solve(flow: AbstractFlow, y0, ts, param_ts, config: SolverConfig, *, stop_at
         return (~(tree_all_finite(y) & (tree_norm(y) < bound))) | (t >= stop)
 
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(flow.vector_field),
+        diffrax.ODETerm(flow.ode_field),
         config.solver,
         t0=ts[0],
         t1=ts[-1],

@@ -96,6 +96,15 @@ class AbstractFlow(eqx.Module):
         for a rod (0 for a flow without one); the central flow's ``tr Sigma``."""
         return jnp.square(self.half_norm(y))
 
+    def add_rounding_seed(self, y, f):
+        """``f`` (a field at ``y``) plus the drift by which a rod models the rounding each optimizer
+        step adds to its oscillation (:meth:`RodFlow.add_rounding_seed`); ``f`` itself here."""
+        return f
+
+    def ode_field(self, t, y, args):
+        """What the solver integrates: :meth:`vector_field` with the rounding seed added."""
+        return self.add_rounding_seed(y, self.vector_field(t, y, args))
+
     def scale_oscillation(self, y, factor):
         """``y`` with its oscillation part (a rod's half-vector, and its velocity where it has
         one) multiplied by ``factor``; ``y`` itself for a flow without one. Through

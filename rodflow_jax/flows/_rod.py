@@ -42,21 +42,33 @@ from 15 and 13 steps early to 9 and 15 late (``benchmarks/period_two_start.py``)
 (:attr:`~rodflow_jax.flows.FlowKind.period_two_start`) from the rod with the iterates' midpoint
 as its centre and this half-vector (:func:`period_two_endpoints`); :func:`rod_flow` itself
 takes the two endpoints it is given.
+
+*The seed of the first catapult* (stop 34; ``docs/math.md``, "What seeds the first catapult").
+``r = 0`` is invariant, and before the edge the discrete run's period-2 part is held at the level
+set by the rounding of each step. :func:`rod_flow` measures that rounding at its start
+(:func:`~rodflow_jax.flows._rounding.step_rounding`) and the solver integrates the field plus the
+drift that feeds its variance to ``|r|^2`` (:meth:`RodFlow.add_rounding_seed`). That level
+(~1e-16 ``|c|``) is below where ``c +- r`` can be told from ``c``, so the field samples a short rod
+at length ``sqrt(u) |c|``, in the map's linear regime, and scales the difference back
+(:meth:`RodFlow.sampled_half`).
 """
 
 from __future__ import annotations
 
 from math import comb
-from typing import ClassVar, NamedTuple, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._tree import tree_add, tree_half_diff, tree_mean2, tree_norm, tree_stack2, tree_sub, tree_unstack2
+from .._tree import (
+    tree_add, tree_axpy, tree_half_diff, tree_mean2, tree_norm, tree_stack2, tree_sub, tree_sum_squares, tree_unstack2,
+)
 from ..optimizers import AbstractOptimizer, Phase, Slow
 from ._base import AbstractFlow, over_endpoints, slow_scale
+from ._rounding import step_rounding
 
 _SIGNS = (1.0, -1.0)
 PERIOD_TWO_ORDER = 8  # iterates z_K .. z_{K+8} give a rod's initial half-vector (see the module)
@@ -93,6 +105,13 @@ def period_two_endpoints(window: Sequence):
     return tree_sub(c, r), tree_add(c, r)
 
 
+def sample_floor(dtype) -> float:
+    """The shortest half-vector, relative to ``|c|``, at which :class:`RodFlow` samples the map:
+    ``sqrt(u)`` (``u`` the unit roundoff; float64 1.1e-8, float32 2.4e-4). Shorter rods are
+    sampled at this length and the difference scaled back (:meth:`RodFlow.sampled_half`)."""
+    return float(np.sqrt(np.finfo(dtype).eps / 2))
+
+
 class RodState(NamedTuple):
     centre: Phase
     half: Phase
@@ -103,6 +122,8 @@ class RodFlow(AbstractFlow):
     """Rod flow of ``optimizer`` on ``loss_fn``; see the module docstring for the equations."""
 
     exact_slow_feed: bool = eqx.field(static=True, default=True)
+    # per-parameter variance of the rounding one optimizer step adds (``step_rounding``), or None
+    rounding: Any = None
     construction: ClassVar[str] = "rod1"
 
     @property
@@ -112,10 +133,26 @@ class RodFlow(AbstractFlow):
     def endpoints(self, y: RodState) -> tuple[Phase, Phase]:
         return tree_add(y.centre, y.half), tree_sub(y.centre, y.half)
 
+    def sampled_half(self, y: RodState):
+        """``(r', a)``: the half-vector at which the field samples the map, ``r' = a r`` with
+        ``a = max(1, s / |r|)``, ``s`` = :func:`sample_floor` times ``|c|``.
+
+        A rod shorter than ``s`` is in the map's linear regime (the odd part of ``T(c + r) -
+        T(c - r)`` is ``2 DT[r] + O(|r|^3)``), so sampling it at length ``s`` and dividing the
+        difference by ``a`` is exact to a relative ``O(s^2)``, while sampling it where it is would
+        return rounding: below ``u |c|`` both endpoints round to ``c``. The centre and slow parts
+        are then the ones of a rod of length ``s``, off by ``O(s^2) = O(u |c|^2)``."""
+        size = tree_norm(y.half)
+        floor = sample_floor(size.dtype) * tree_norm(y.centre)
+        pos = size > 0
+        a = jnp.where(pos, jnp.maximum(1.0, floor / jnp.where(pos, size, 1.0)), 1.0)
+        return jax.tree.map(lambda x: a * x, y.half), a
+
     def vector_field(self, t, y: RodState, args) -> RodState:
         opt = self.optimizer
         slow = self.unscaled(y.slow)
-        ends = tree_stack2(*self.endpoints(y))
+        half, stretch = self.sampled_half(y)
+        ends = tree_stack2(tree_add(y.centre, half), tree_sub(y.centre, half))
         grads = over_endpoints(lambda z: self.grad(z.params), ends)
         new_slows = jax.vmap(lambda g: opt.slow_map(slow, g))(grads)
         mean_slow = jax.tree.map(lambda x: jnp.mean(x, axis=0), new_slows)
@@ -125,9 +162,26 @@ class RodFlow(AbstractFlow):
         moved = jax.vmap(lambda z, g, s1: opt.fast_map(z, g, slow, s1))(ends, grads, new_slows)
         plus, minus = tree_unstack2(moved)
         d_centre = tree_sub(tree_mean2(plus, minus), y.centre)
-        d_half = jax.tree.map(lambda a, b, r: -0.5 * (a - b) - r, plus, minus, y.half)
+        d_half = jax.tree.map(lambda p, m, r: -0.5 * (p - m) / stretch - r, plus, minus, y.half)
         d_slow = self.scaled(tree_sub(mean_slow, slow))
         return RodState(d_centre, d_half, d_slow)
+
+    def add_rounding_seed(self, y: RodState, f: RodState) -> RodState:
+        """``f`` plus ``(d^2 / (2 |r|^2)) r``, with ``d^2 = sum_i r_i^2 N_i / |r|^2`` the variance that
+        one step's rounding (``N = rounding``, per parameter) adds along ``r``: then
+        ``d|r|^2/dt = 2 <r, f_r> + d^2``, the law of a mode's mean square under a noise of variance
+        ``d^2`` per step, and a decaying rod settles where the discrete run's oscillation does,
+        ``|r|^2 = d^2 / (2 |x|)`` at rate ``x``, instead of decaying to the solver's floor. Odd in
+        ``r`` and 0 at ``r = 0``; negligible once ``|r| >> d`` (the edge). Parameters only."""
+        if self.rounding is None:
+            return f
+        r = jax.lax.stop_gradient(y.half.params)  # an exogenous forcing: derivatives pass it by
+        rr = tree_sum_squares(r)
+        pos = rr > 0
+        safe = jnp.where(pos, rr, 1.0)
+        along = sum(jnp.sum(jnp.square(x) * n) for x, n in zip(jax.tree.leaves(r), jax.tree.leaves(self.rounding))) / safe
+        coef = jnp.where(pos, along / (2.0 * safe), 0.0)
+        return f._replace(half=f.half._replace(params=tree_axpy(coef, r, f.half.params)))
 
     def centre(self, y: RodState) -> Phase:
         return y.centre
@@ -156,13 +210,22 @@ def rod_flow(
     s1: Slow,
     *,
     exact_slow_feed: bool = True,
+    rounding_seed: bool = True,
 ) -> tuple[RodFlow, RodState]:
     """The rod flow and its initial state from two consecutive discrete states.
 
     ``c = (z0 + z1)/2``, ``r = (z1 - z0)/2`` and ``s = (s0 + s1)/2`` (so the rod's count, and
-    hence its bias correction, sits half a step after ``s0``'s).
+    hence its bias correction, sits half a step after ``s0``'s). With ``rounding_seed`` (and
+    float64 parameters) the rounding of one step from ``(c, s)`` is measured
+    (:func:`step_rounding`) and seeds ``r`` (:meth:`RodFlow.add_rounding_seed`); in float32 the
+    solver's floor on ``r`` (``atol``) is at that level already.
     """
     slow = tree_mean2(s0, s1)
-    flow = RodFlow(optimizer, loss_fn, slow_scale(s1), exact_slow_feed)
-    y0 = RodState(tree_mean2(z0, z1), tree_half_diff(z1, z0), flow.scaled(slow))
+    centre = tree_mean2(z0, z1)
+    # float64 only: in float32 the solver holds r to atol, which is where its rounding seed sits already
+    # (rodflow_jax._integrate.half_atol)
+    seeded = rounding_seed and all(jnp.dtype(x.dtype) == jnp.float64 for x in jax.tree.leaves(centre.params))
+    rounding = step_rounding(optimizer, loss_fn, centre, slow) if seeded else None
+    flow = RodFlow(optimizer, loss_fn, slow_scale(s1), exact_slow_feed, rounding)
+    y0 = RodState(centre, tree_half_diff(z1, z0), flow.scaled(slow))
     return flow, y0

@@ -243,6 +243,9 @@ class SecondOrderFlow(AbstractFlow):
     def scale_oscillation(self, y, factor):
         return self.inner.scale_oscillation(y, factor)
 
+    def add_rounding_seed(self, y, f):
+        return self.inner.add_rounding_seed(y, f)
+
     def centre(self, y):
         return self.inner.centre(y)
 
