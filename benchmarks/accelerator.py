@@ -268,7 +268,10 @@ def main(argv=None):
     ap.add_argument("--fidelity-steps", type=int, default=None, help="default 600")
     ap.add_argument("--fidelity-starts", default=None, help="default pre_edge (--tiny: default)")
     ap.add_argument("--fidelity-jobs", type=int, default=None, help="worker processes (default 4; --tiny: 1)")
-    ap.add_argument("--tolerance", type=float, default=0.0, help="max relative step-count difference that passes")
+    # 1 %: since stop 34 a float64 rod is seeded by the measured rounding of its own arithmetic, which
+    # batching can change (summation order), so alone and in a batch it may take slightly different
+    # steps; the GPU divergence this check is for (diffrax #213, #692) is far larger
+    ap.add_argument("--tolerance", type=float, default=0.01, help="max relative step-count difference that passes")
     ap.add_argument("--budget-s", type=float, default=None, help="wall-time budget (default 420; --tiny: 300)")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args(argv)

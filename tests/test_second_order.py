@@ -10,7 +10,7 @@ import rodflow_jax as rf
 from rodflow_jax._integrate import default_solver
 from rodflow_jax._tree import tree_add, tree_sub
 from rodflow_jax.flows import InertialState, RodState, StableState
-from rodflow_jax.flows._second_order import (DERIVATIVES, SAMPLE_FRACTION, SecondOrderFlow, second_order,
+from rodflow_jax.flows._second_order import (DERIVATIVES, resolve_derivative, SAMPLE_FRACTION, SecondOrderFlow, second_order,
                                              second_order_solver)
 from rodflow_jax.optimizers import Phase
 from helpers import flat, lr_for, tiny_mlp
@@ -119,7 +119,7 @@ def test_difference_forms_are_the_jvp_form_on_a_quadratic_and_differ_at_third_or
         f = lambda z: rod.vector_field(0.0, z, None)  # noqa: E731
         v = f(y)
         d2 = jax.jvp(lambda z: jax.jvp(f, (z,), (v,))[1], (y,), (v,))[1]
-        gap = flat(_field(second_order(rod, derivative=derivative), y)) - flat(_field(second_order(rod), y))
+        gap = flat(_field(second_order(rod, derivative=derivative), y)) - flat(_field(second_order(rod, derivative="jvp"), y))
         predicted = -a * flat(d2) / 4
         rel.append(np.linalg.norm(gap - predicted) / np.linalg.norm(predicted))
     # O(a eta) relative: halves with eta, and is a/(1/2) times smaller for the near-tangent sample
@@ -130,9 +130,11 @@ def test_difference_forms_are_the_jvp_form_on_a_quadratic_and_differ_at_third_or
 
 def test_the_derivative_option_reaches_the_second_order_rod():
     """``flow_options={"rod2": {"derivative": ...}}`` (as ``compare`` passes it) picks the form;
-    the default is ``jvp``."""
+    the default is ``auto`` (since stop 34): ``fd`` in float64, ``jvp`` in float32."""
     opt, loss, z0, s0, z1, s1 = _start("gd", steps=2)
-    assert rf.make_flow("rod2", opt, loss, z0, s0, z1, s1)[0].derivative == "jvp"
+    assert rf.make_flow("rod2", opt, loss, z0, s0, z1, s1)[0].derivative == "auto" == DERIVATIVES[0]
+    assert resolve_derivative("auto", jnp.float64) == "fd" and resolve_derivative("auto", jnp.float32) == "jvp"
+    assert resolve_derivative("jvp", jnp.float64) == "jvp"
     for d in DERIVATIVES:
         assert rf.make_flow("rod2", opt, loss, z0, s0, z1, s1, derivative=d)[0].derivative == d
 

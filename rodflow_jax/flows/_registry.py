@@ -15,7 +15,7 @@ from . import _central, _inertial
 from ._central import central_flow
 from ._inertial import inertial_flow
 from ._rod import rod_flow
-from ._second_order import SECOND_ORDER_MARGIN, second_order, second_order_margin
+from ._second_order import DERIVATIVES, SECOND_ORDER_MARGIN, second_order, second_order_margin
 from ._stable import stable_flow
 
 
@@ -64,7 +64,7 @@ def _second(start, exact_growth: bool = True):
     (:meth:`~rodflow_jax.flows._second_order.SecondOrderFlow.corrected_field`), the others go to
     the flow's own start."""
 
-    def corrected(*args, derivative: str = "jvp", **kw):
+    def corrected(*args, derivative: str = DERIVATIVES[0], **kw):
         flow, y0 = start(*args, **kw)
         return second_order(flow, exact_growth=exact_growth, derivative=derivative), y0
 

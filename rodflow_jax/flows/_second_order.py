@@ -9,9 +9,11 @@ Integration*, ch. IX) gives the field whose unit-time map is ``R`` to second ord
 
     f = v - \tfrac12\, Dv[v] + O(v^3),
 
-which costs one Jacobian-vector product of ``v`` per evaluation (``v``, then one ``jax.jvp`` of
-``v`` with ``v`` itself as the tangent: forward over the reverse-mode gradients inside ``v``).
-``derivative="difference"`` evaluates it as ``2 v(y) - v(y + v/2)`` instead (*Cost*, below).
+evaluated by default in float64 as a forward difference of ``v`` along itself,
+``v - (v(y + v/100) - v)/(2/100)`` (``derivative="fd"``: two evaluations of ``v``), and in float32
+(``derivative="auto"`` picks) or on request with one Jacobian-vector product of ``v``
+(``derivative="jvp"``: forward over the reverse-mode gradients inside ``v``), or as
+``2 v(y) - v(y + v/2)`` (``derivative="difference"``; *Cost*, below).
 
 *On a linear mode.* If ``R`` multiplies a mode by ``mu``, the three generators move it by
 
@@ -108,23 +110,24 @@ of the grid's rod2 cells it changed no catapult count and moved none by more tha
 mlp-digits GD it costs 3.4x the first-order rod per simulated step (the JVP: 3.9x). So it is not
 the default.
 
-``derivative="fd"`` samples close to ``y`` instead, at ``y + v/100``: the ``jvp`` form's numbers up
-to ``-(1/400) D^2v[v, v]`` (the ``difference`` form's term is 50x that), at the same cost as the
-``difference`` form. On cnn-digits RMSProp (300 steps, default start) it takes 1.59x less time per
-simulated step than the ``jvp`` form (74 s against 118 s, 496 against 503 solver steps) with the
-same errors (final 0.0335 against 0.0332, the ``difference`` form 0.0395). It is not the default
-either, because it moves the catapults: where ``|r|`` is tiny (before the edge) the r-part of
-``v`` is the rounding of a difference of the endpoints' gradients, ``~u |g|``, and the forward
-difference divides that by ``a``: the seed from which the first catapult grows is ~100x the
-``jvp`` form's, and the first catapult fires earlier. Measured on the 20 rod2 rows of toy,
-deep-linear and mlp-digits (600 steps, both starts; ``jvp`` -> ``fd``, discrete in brackets): toy
-GD 175 -> 163 (177), mlp-digits GD 337 -> 325 (344), toy RMSProp 187 -> 181 (186), deep-linear
-scalar RMSProp 174 -> 167 (187), mlp-digits Nesterov (pre-edge) 242 -> 235 (246). In 11 of the
-13 rows where both fire, the ``fd`` rod's first catapult is 6-12 steps earlier than the ``jvp``
-rod's (the other two: -1, +1); the first catapult within 3 % (or 15 steps) of the discrete one
-goes from 13 to 11 of the 14 rows that catapult, the same count stays 8/14. The seed is the
-catapult clock, so the cheaper derivative costs exactly what the rod is for; use it where the
-trajectory, not the timing, is the question.
+``derivative="fd"`` (the default in float64 since stop 34, ``derivative="auto"``; float32 keeps the
+``jvp`` form, whose rounding the forward difference would multiply by 50 to half float32's
+``rtol``) samples close to ``y`` instead, at ``y + v/100``:
+the ``jvp`` form's numbers up to ``-(1/400) D^2v[v, v]`` (the ``difference`` form's term is 50x
+that), at the same cost as the ``difference`` form. On cnn-digits RMSProp (300 steps, default
+start) it took 1.59x less time per simulated step than the ``jvp`` form (74 s against 118 s, 496
+against 503 solver steps) with the same errors (final 0.0335 against 0.0332, the ``difference``
+form 0.0395). At stop 33 it moved the catapults: where ``|r|`` was tiny (before the edge) the
+r-part of ``v`` was the rounding of a difference of the endpoints' gradients, ``~u |g|``, which the
+forward difference divides by ``a``, and the first catapult fired 6-12 steps earlier than the
+``jvp`` rod's in 11 of 13 rows. Since the rod samples a short rod at ``sqrt(u) |c|`` and carries
+its rounding seed explicitly (``flows/_rod.py``), ``v``'s r-part is exact at any size, and the two
+forms agree: on the 20 rod2 rows of toy, deep-linear and mlp-digits (600 steps, both starts) every
+catapult is on the same step and every final and max error within 0.5 % (README, "The rounding
+seed"); on cnn-digits GD (600 steps) both fire at 293, 449, 549 (discrete 292, 449, 549) with
+final / max error 0.0028 / 0.0225, in 148 s against 307 s (1,060 against 1,054 solver steps; two
+runs side by side). On the toy it takes 15-25 % more solver steps than the ``jvp`` form, elsewhere
+the same. ``jvp`` stays selectable (``flow_options={"rod2": {"derivative": "jvp"}}``).
 A backward sample (``(3 v(y - v/3) - v)/2``, which matches the ``D^2 v`` term of ``log R``) can
 also leave the domain: it takes a second moment far below ``g^2`` negative.
 
@@ -154,7 +157,17 @@ from ._base import AbstractFlow
 
 # how SecondOrderFlow evaluates its correction (the first: default), and where the two
 # finite-difference forms sample v: at y + a v, a fraction a of the map step
-DERIVATIVES = ("jvp", "fd", "difference")
+DERIVATIVES = ("auto", "fd", "jvp", "difference")
+
+
+def resolve_derivative(derivative: str, dtype) -> str:
+    """``"auto"`` (the default) is ``"fd"`` in float64 and ``"jvp"`` otherwise: the forward
+    difference divides a difference of fields by ``2a = 1/50``, so its rounding is ``~50 u`` of ``|v|``,
+    1e-14 in float64 (far below ``rtol`` 1e-7) but 6e-6 in float32, half its ``rtol`` (1e-5), where
+    the controller reads it (measured: a float32 sweep's step counts then depend on the batch)."""
+    if derivative != "auto":
+        return derivative
+    return "fd" if jnp.dtype(dtype) == jnp.float64 else "jvp"
 SAMPLE_FRACTION = {"fd": 1e-2, "difference": 0.5}
 
 
@@ -179,7 +192,7 @@ class SecondOrderFlow(AbstractFlow):
     exact_growth: bool = eqx.field(static=True)
     derivative: str = eqx.field(static=True)
 
-    def __init__(self, inner: AbstractFlow, exact_growth: bool = False, derivative: str = "jvp"):
+    def __init__(self, inner: AbstractFlow, exact_growth: bool = False, derivative: str = DERIVATIVES[0]):
         if isinstance(inner, SecondOrderFlow):
             raise TypeError("the flow is already second order")
         if derivative not in DERIVATIVES:
@@ -195,10 +208,11 @@ class SecondOrderFlow(AbstractFlow):
         """``(v, v - (1/2) Dv[v] + ...)`` at ``y``: the first-order field and its second-order
         correction, by ``derivative`` (see the module, *Cost*):
 
-        - ``"jvp"`` (the default): ``v - (1/2) Dv[v]`` with ``Dv[v]`` from one ``jax.jvp`` of
+        - ``"jvp"``: ``v - (1/2) Dv[v]`` with ``Dv[v]`` from one ``jax.jvp`` of
           ``v`` (forward over the reverse-mode gradients inside ``v``). ``jax.linearize`` would save
           its primal pass but stores the residuals of the endpoints' sequential loop and was 2.7x
           slower on cnn-digits (``benchmarks/endpoints.py``, stop 17);
+        - ``"auto"`` (the default): ``"fd"`` in float64, ``"jvp"`` otherwise (:func:`resolve_derivative`);
         - ``"fd"``: ``Dv[v]`` by a forward difference, ``(v(y + a v) - v) / a`` with ``a = 1/100``:
           ``v - (1/2) Dv[v] - (a/4) D^2v[v, v] + O(a^2 v^4)``: the ``jvp`` form up to a
           third-order term 1/33 of the one by which the ``jvp`` form differs from ``log R``
@@ -214,9 +228,10 @@ class SecondOrderFlow(AbstractFlow):
         (second moments >= 0); a backward sample such as ``y - v/3`` is not."""
         f = lambda z: self.inner.vector_field(t, z, args)  # noqa: E731
         v = f(y)
-        if self.derivative == "jvp":
+        derivative = resolve_derivative(self.derivative, jax.tree.leaves(y)[0].dtype)
+        if derivative == "jvp":
             return v, tree_axpy(-0.5, jax.jvp(f, (y,), (v,))[1], v)
-        a = SAMPLE_FRACTION[self.derivative]  # v - (v(y + a v) - v) / (2 a); a = 1/2: 2 v - v(y + v/2)
+        a = SAMPLE_FRACTION[derivative]  # v - (v(y + a v) - v) / (2 a); a = 1/2: 2 v - v(y + v/2)
         return v, tree_axpy(-0.5 / a, tree_sub(f(tree_axpy(a, v, y)), v), v)
 
     def growth_rate(self, y, v):
@@ -267,7 +282,7 @@ class SecondOrderFlow(AbstractFlow):
         return inner(y) if inner is not None else jnp.square(self.inner.half_norm(y))
 
 
-def second_order(flow: AbstractFlow, *, exact_growth: bool = False, derivative: str = "jvp") -> SecondOrderFlow:
+def second_order(flow: AbstractFlow, *, exact_growth: bool = False, derivative: str = DERIVATIVES[0]) -> SecondOrderFlow:
     """The second-order (backward-error-corrected) version of ``flow``, with the growth along its
     oscillation made exact if ``exact_growth`` (the ``rod2`` construction); ``derivative`` is how
     the correction is evaluated (:meth:`SecondOrderFlow.corrected_field`); see the module."""

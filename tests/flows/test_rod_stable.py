@@ -168,4 +168,6 @@ def test_endpoints_in_sequence_or_batched_give_the_same_fields(monkeypatch, opti
             fields[mode, kind] = flat(flow.vector_field(0.0, y, None))
     for kind in kinds:
         assert np.all(np.isfinite(fields["map", kind]))
-        np.testing.assert_allclose(fields["map", kind], fields["vmap", kind], rtol=1e-12, atol=1e-15)
+        # the default second-order form divides a difference of fields by 2/100: rounding x 50
+        atol = 1e-12 if rf.FLOWS[kind].second_order else 1e-15
+        np.testing.assert_allclose(fields["map", kind], fields["vmap", kind], rtol=1e-12, atol=atol)
