@@ -89,10 +89,7 @@ def first_catapult(loss) -> int | None:
 def measured_rounding(opt, loss_fn, params0, at: int):
     """``(measured, parameters')``: the rms rounding of one step along the top Hessian direction
     at step ``at``, by ``step_rounding`` and by ``u |w_e| / sqrt(3)``."""
-    phase, slow = opt.init(params0)
-    step = jax.jit(lambda ph, sl: opt.step(ph, sl, jax.grad(loss_fn)(ph.params)))
-    for _ in range(at):
-        phase, slow = step(phase, slow)
+    phase, slow = rf.run_discrete(opt, loss_fn, params0, at).state_at(at)
     flat, unravel = ravel_pytree(phase.params)
     hessian = np.asarray(jax.jit(jax.hessian(lambda x: loss_fn(unravel(x))))(flat))
     e = np.linalg.eigh(hessian)[1][:, -1]
