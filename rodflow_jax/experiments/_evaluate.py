@@ -30,7 +30,7 @@ from .._resources import relieve_map_pressure
 from .._sharpness import DENSE_MAX_PARAMS
 from ..flows import flow_kind
 from ..flows._registry import resolve
-from ..flows._rod import period_two_endpoints, period_two_order
+from ..flows._rod import period_two_endpoints, period_two_order, period_two_trusted
 from ._engine import FlowArrays, ProbeArrays, Rollout, _rows, probe_batch, rollout_batch, solve_batch
 from ._progress import say
 
@@ -144,11 +144,13 @@ def grids(num_params: int, num_steps: int, batch: int, probe_every: int | None, 
 def _period_two_states(states, window):
     """``states = (z_K, s_K, z_{K+1}, s_{K+1})`` (stacked) with the phases replaced by
     :func:`~rodflow_jax.flows._rod.period_two_endpoints` of ``window``; a configuration whose
-    window is not finite (it diverged within it) keeps its two iterates."""
+    window is not finite (it diverged within it) or is not a period-2 part
+    (:func:`~rodflow_jax.flows._rod.period_two_trusted`: a transient) keeps its two iterates."""
     z0, s0, z1, s1 = states
     p0, p1 = period_two_endpoints(window)
     leaves = jax.tree.leaves(p0)
     ok = np.all([np.isfinite(np.asarray(x)).reshape(x.shape[0], -1).all(axis=1) for x in leaves], axis=0)
+    ok &= np.asarray(period_two_trusted(window, batch_axis=True))
     pick = lambda a, b: jax.tree.map(  # noqa: E731
         lambda x, y: np.where(ok.reshape((-1,) + (1,) * (np.ndim(x) - 1)), np.asarray(x), np.asarray(y)), a, b)
     return pick(p0, z0), s0, pick(p1, z1), s1

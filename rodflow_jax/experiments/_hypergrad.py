@@ -44,7 +44,7 @@ from .._resources import relieve_map_pressure
 from .._sharpness import optimizer_sharpness
 from ..flows import FLOW_KINDS, flow_kind
 from ..flows._registry import resolve
-from ..flows._rod import period_two_endpoints, period_two_order
+from ..flows._rod import period_two_endpoints, period_two_order, period_two_trusted
 from ..optimizers import AbstractOptimizer
 from ._estimators import DEFAULT_ESTIMATOR, DEFAULT_PAIRS, Estimate, EstimatorSettings, smoothed_estimate
 from ._spec import check_problem, differentiable, resolve_start
@@ -81,6 +81,8 @@ def _flow_losses(kind, optimizer, loss_fn, params0, num_steps, start_step, confi
     if kind_.period_two_start:  # the rod's half-vector from the iterates' period-2 part (flows/_rod.py)
         window, sK, s1 = window_at(optimizer, loss_fn, params0, start_step, period_two_order(num_steps - start_step))
         z0, z1 = period_two_endpoints(window)
+        trusted = period_two_trusted(window)  # else a transient: the two iterates, as _evaluate does
+        z0, z1 = (jax.tree.map(lambda a, b: jnp.where(trusted, a, b), p, z) for p, z in ((z0, window[0]), (z1, window[1])))
         states = (z0, sK, z1, s1)
     else:
         states = states_at(optimizer, loss_fn, params0, start_step)

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 import rodflow_jax as rf
-from rodflow_jax.flows._rod import PERIOD_TWO_ORDER, period_two_endpoints, period_two_half, period_two_weights
+from rodflow_jax.flows._rod import (
+    PERIOD_TWO_ORDER, period_two_endpoints, period_two_half, period_two_trusted, period_two_weights,
+)
 
 
 def test_order_one_is_the_half_difference_of_two_iterates():
@@ -35,6 +37,20 @@ def test_a_mode_moving_by_m_per_step_has_gain_minus_half_one_minus_m_to_the_n(m)
     n = PERIOD_TWO_ORDER
     window = [np.array([m**j]) for j in range(n + 1)]
     assert float(period_two_half(window)[0]) == pytest.approx(-(((1 - m) / 2) ** n), rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("m, trusted", [(-1.0, True), (-1.05, True), (-1.15, True), (-1.22, False), (-1.5, False)])
+def test_a_growing_transient_is_not_trusted_as_a_period_two_part(m, trusted):
+    """A drift plus an oscillation moving by m per step: the order-8 filter amplifies it by
+    ((1 - m)/2)^8 (2.0 at m = -1.18), and past a factor 2 the rod starts from the two iterates
+    (the drift here is small, so |r_1| ~ the oscillation's size); per row with a batch axis."""
+    rng = np.random.default_rng(1)
+    s, b = rng.normal(size=(2, 4))
+    window = [{"w": 0.01 * b * j + m**j * s} for j in range(PERIOD_TWO_ORDER + 1)]
+    assert bool(period_two_trusted(window)) is trusted
+    batched = [{"w": np.stack([x["w"], 0.0 * x["w"] + (-1.0) ** j])} for j, x in enumerate(window)]
+    np.testing.assert_array_equal(period_two_trusted(batched, batch_axis=True), [trusted, True])
+    assert bool(period_two_trusted(window[:2]))  # order 1 is the two iterates themselves
 
 
 def test_endpoints_keep_the_centre():
