@@ -1,5 +1,7 @@
 """Stiff flows: the matrix-free implicit solver, when it is chosen, and the retry after a budget hit."""
 
+import dataclasses
+
 import diffrax
 import jax
 import jax.numpy as jnp
@@ -170,3 +172,27 @@ def test_newton_stall_at_the_rounding_floor_counts_as_converged_not_diverged():
     assert _terminate(finder, 0.5 * floor, 2 * floor, jnp.float32) == (False, True)  # still contracting
     f64 = I.NewtonKrylov(rtol=1e-7, atol=1e-9)
     assert _terminate(f64, 1e-3, 0.9e-3, jnp.float64) == (True, False)
+
+
+def test_a_second_order_rod_out_of_its_budget_falls_back_to_its_first_order_rod(monkeypatch):
+    """rod2's correction stops being valid far above the threshold (it is a series in eta lambda),
+    where it is stiff enough to exhaust its budget (measured: a softplus net started inside its
+    initial catapult). The batched solve then runs rod1 on that configuration instead of an
+    implicit retry, and the record says so: construction rod1, its results rod1's, the note
+    naming rod2's budget. Forced here by a budget of 16 solver steps in all."""
+    from rodflow_jax.experiments import _engine
+    from rodflow_jax.flows import SecondOrderFlow
+
+    def starved(flow, dtype, **kw):
+        cfg = I.default_solver(flow, dtype, **kw)
+        return dataclasses.replace(cfg, max_steps_per_step=0) if isinstance(flow, SecondOrderFlow) else cfg
+
+    monkeypatch.setattr(_engine, "default_solver", starved)
+    loss_fn, p0 = _logcosh, {"w": jnp.linspace(0.3, 1.0, 7)}  # a shape of its own: no cached solve
+    m = rf.compare(loss_fn, p0, rf.make_optimizer("gd", learning_rate=0.05), 30, models=("discrete", "rod2", "rod1"),
+                   start_step=0).metrics
+    assert m["rod2"]["construction"] == "rod1" and not m["rod2"]["failed"], m["rod2"]
+    assert m["rod2"]["message"].startswith("rod2 ran out of its step budget") and "rod1's results" in m["rod2"]["message"]
+    assert m["rod2"]["solver"] == m["rod1"]["solver"] == "Tsit5"
+    assert m["rod2"]["final_loss"] == m["rod1"]["final_loss"] and m["rod2"]["solver_steps"] == m["rod1"]["solver_steps"]
+    assert m["rod1"]["construction"] == "rod1" and m["rod1"]["message"] == ""

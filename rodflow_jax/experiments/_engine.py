@@ -117,7 +117,7 @@ class FlowArrays(NamedTuple):
     num_steps: np.ndarray  # (B,)
     num_rejected_steps: np.ndarray  # (B,)
     solver: np.ndarray | None = None  # (B,) the solver that produced each row (a name), when known
-    construction: str | None = None  # the flow that ran (``"rod2"``, ...): what ``"rod"`` resolved to
+    construction: np.ndarray | None = None  # (B,) the flow that ran (``"rod2"``, ...): what ``"rod"`` resolved to
     note: np.ndarray | None = None  # (B,) why a row was held fixed from some step ("" for none)
 
 
@@ -134,9 +134,62 @@ def _solve_b(kind, optimizer, loss_fn, states, ts, param_ts, stop_at, options, c
 def solve_batch(kind: str, optimizer, loss_fn, states, ts, param_ts, stop_at, *, options=None,
                 config: SolverConfig | None = None, progress: bool = False) -> FlowArrays:
     """The ``kind`` flow of every configuration from its ``states = (z0, s0, z1, s1)`` (stacked),
-    over ``ts`` (integer steps), stopped at ``stop_at`` (B,) (``inf``: never)."""
-    dtype = jax.tree.leaves(states[0])[0].dtype
+    over ``ts`` (integer steps), stopped at ``stop_at`` (B,) (``inf``: never).
+
+    With the default solver, a configuration whose flow runs out of its step budget is solved
+    again: by the kind's :attr:`~rodflow_jax.flows.FlowKind.fallback` where it has one (a
+    second-order rod outside the range its correction is valid in, :func:`_fall_back`), else by
+    the matrix-free implicit solver (:func:`_retry_budget_hits`)."""
     kind = resolve(kind, optimizer)  # "rod": the construction this batch runs, decided on concrete values
+    arrays = _solve_rows(kind, optimizer, loss_fn, states, ts, param_ts, stop_at, options, config, progress)
+    fallback = flow_kind(kind).fallback
+    if config is None and fallback is not None:
+        arrays = _fall_back(kind, fallback, arrays, optimizer, loss_fn, states, ts, param_ts, stop_at, options,
+                            progress)
+    return arrays
+
+
+def _fall_back(kind, fallback, arrays, optimizer, loss_fn, states, ts, param_ts, stop_at, options, progress):
+    """``arrays`` with the rows whose ``kind`` solve ran out of its step budget replaced by
+    ``fallback``'s solve (with the options it takes), each such row saying so in its note and
+    naming ``fallback`` as its construction.
+
+    Measured where this happens: a second-order rod started inside a transient far above the
+    threshold (a softplus network at GD 0.5 from step 0, whose first steps catapult the loss from
+    0.7 to 65). Its correction ``-Dv[v]/2`` is a series in ``eta lambda`` that stops converging at
+    1 and turns into a stiff term of size ``(eta lambda)^2/2`` there: Tsit5 spent its whole budget
+    (3,856 solver steps) without reaching step 1, and the implicit retry spent over 15 minutes to
+    fail as well, where the first-order rod took 92 solver steps."""
+    idx = np.nonzero(np.asarray(arrays.result) == _BUDGET_HIT)[0]
+    if not len(idx):
+        return arrays
+    sub = solve_batch(fallback, _take(optimizer, idx), loss_fn, _take(states, idx), ts, param_ts,
+                      np.asarray(stop_at)[idx], options=flow_kind(fallback).own_options(options), progress=progress)
+    steps = np.asarray(ts)
+    done = [int(steps[np.argmin(np.isfinite(row))]) if not np.isfinite(row).all() else int(steps[-1])
+            for row in np.asarray(arrays.loss)[idx]]
+
+    def put(full, part):
+        full = np.array(full, copy=True)
+        full[idx] = part
+        return full
+
+    out = FlowArrays(*(jax.tree.map(put, a, b) for a, b in zip(arrays[:8], sub[:8])),
+                     solver=put(arrays.solver, sub.solver), construction=put(arrays.construction, sub.construction),
+                     note=put(arrays.note, [f"{kind} ran out of its step budget ({int(n)} solver steps) before step {d}; "
+                                            f"these are {fallback}'s results" + (f" ({m})" if m else "")
+                                            for n, d, m in zip(np.asarray(arrays.num_steps)[idx], done, sub.note)]))
+    return out
+
+
+def _take(tree, idx):
+    """Rows ``idx`` of every batched array in ``tree`` (gathered to one device when sharded)."""
+    return jax.tree.map(lambda x: jnp.asarray(to_host(x)[idx]) if eqx.is_array(x) else x, tree)
+
+
+def _solve_rows(kind, optimizer, loss_fn, states, ts, param_ts, stop_at, options, config, progress) -> FlowArrays:
+    """:func:`solve_batch` without the fallback: one batched solve, budget hits retried implicitly."""
+    dtype = jax.tree.leaves(states[0])[0].dtype
     n, m = len(ts), len(param_ts)
     # save times padded (repeating the end) to a bucket of sizes, so runs of nearby lengths share
     # one compilation; the padding is sliced off again
@@ -155,7 +208,7 @@ def solve_batch(kind: str, optimizer, loss_fn, states, ts, param_ts, stop_at, *,
     sol, notes = hold_converged(sol, ts_p, pts_p, (config or default_solver(shape, dtype)).rtol)
     loss, half, centre, slow, var = sol[:5]
     trim = lambda x, k: x[:, :k]  # noqa: E731
-    construction = shape.construction
+    construction = np.full(len(names), shape.construction, dtype=object)
     return FlowArrays(trim(loss, n), trim(half, n), jax.tree.map(lambda x: trim(x, m), centre),
                       jax.tree.map(lambda x: trim(x, m), slow), trim(var, m), *sol[5:], names, construction, notes)
 
@@ -246,13 +299,12 @@ def _retry_budget_hits(kind, shape, optimizer, loss_fn, states, stop, ts, param_
     first = default_solver(shape, dtype)
     names = np.full(len(sol[5]), solver_name(first), dtype=object)
     hit = np.asarray(sol[5]) == _BUDGET_HIT
-    if is_implicit(first) or not hit.any():
-        return sol, names
+    if is_implicit(first) or not hit.any() or flow_kind(kind).fallback is not None:
+        return sol, names  # (a kind with a fallback is solved again by that: solve_batch)
     idx = np.nonzero(hit)[0]
-    take = lambda tree: jax.tree.map(lambda x: jnp.asarray(to_host(x)[idx]) if eqx.is_array(x) else x, tree)  # noqa: E731
     cfg = implicit_retry(first, dtype)
-    redo = _solve_b(kind, take(optimizer), loss_fn, take(states), jnp.asarray(ts, dtype), jnp.asarray(param_ts, dtype),
-                    take(stop), options, cfg, progress)
+    redo = _solve_b(kind, _take(optimizer, idx), loss_fn, _take(states, idx), jnp.asarray(ts, dtype),
+                    jnp.asarray(param_ts, dtype), _take(stop, idx), options, cfg, progress)
     redo = to_host(tuple(redo))
 
     def put(full, part):

@@ -191,7 +191,7 @@ def flow_record(ev, name: str, i: int) -> FlowRecord:
         solver_steps=int(f.arrays.num_steps[i]),
         rejected_steps=int(f.arrays.num_rejected_steps[i]),
         solver=None if f.arrays.solver is None else str(f.arrays.solver[i]),
-        construction=f.arrays.construction,
+        construction=None if f.arrays.construction is None else str(f.arrays.construction[i]),
     )
 
 

@@ -7,6 +7,7 @@ else switches on a flow's name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 from .._errors import InputError, unknown_name
@@ -38,7 +39,17 @@ class FlowKind:
     period_two_start: bool = False
     # whether it is a second-order (corrected) flow: it takes the option ``derivative``
     second_order: bool = False
+    # the flow a configuration is solved by instead when this one runs out of its step budget
+    # (the second-order flows: their first-order flow; rodflow_jax.experiments._engine._fall_back)
+    fallback: str | None = None
     description: str = ""
+
+    def own_options(self, options) -> dict:
+        """``options`` less those only a second-order flow takes (``derivative``), unless this is one."""
+        options = dict(options or {})
+        if not self.second_order:
+            options.pop("derivative", None)
+        return options
 
     def check(self, optimizer: AbstractOptimizer) -> None:
         reason = self.supports(optimizer)
@@ -108,21 +119,22 @@ FLOWS: dict[str, FlowKind] = {
         FlowKind("rod", _default_rod_start, models_oscillation=True, predicts_variance=True,
                  description="two consecutive iterates as one rod, in the optimizer's default construction "
                              "(one of rod1, rod2, inertial, inertial2: metrics.json's `construction`)"),
-        FlowKind("rod1", rod_flow, models_oscillation=True, predicts_variance=True, period_two_start=True,
-                 description="the first-order rod flow (generator R - id)"),
+        # rod1 has no rounding seed: its solver holds r to atol, far above the seed (_integrate.half_atol)
+        FlowKind("rod1", functools.partial(rod_flow, rounding_seed=False), models_oscillation=True,
+                 predicts_variance=True, period_two_start=True, description="the first-order rod flow (generator R - id)"),
         FlowKind("rod2", _second(rod_flow), models_oscillation=True, predicts_variance=True, period_two_start=True,
-                 second_order=True,
+                 second_order=True, fallback="rod1",
                  description="the second-order rod flow (backward-error-corrected generator v - Dv[v]/2, "
                              "its growth along r exact)"),
         FlowKind("rod2_plain", _second(rod_flow, exact_growth=False), models_oscillation=True, predicts_variance=True,
-                 period_two_start=True, second_order=True,
+                 period_two_start=True, second_order=True, fallback="rod1",
                  description="rod2 without the exact growth along r (the ablation)"),
         FlowKind("central", _from_one_state(central_flow), _central.supports, predicts_variance=True,
                  description="the time-averaged iterate (Cohen et al. 2025)"),
         FlowKind("inertial", _inertial_start(True), _inertial.supports, models_oscillation=True,
                  predicts_variance=True, description="the inertial rod flow: a rod in velocity form (momentum methods, the Adam family)"),
         FlowKind("inertial2", _second(_inertial_start(True)), _inertial.supports, models_oscillation=True,
-                 predicts_variance=True, second_order=True,
+                 predicts_variance=True, second_order=True, fallback="inertial",
                  description="the inertial rod flow, second-order corrected (unstable at momentum: see "
                              "rodflow_jax/flows/_second_order.py)"),
         FlowKind("inertial_stable", _inertial_start(False), _inertial.supports,
