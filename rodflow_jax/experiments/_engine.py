@@ -9,6 +9,7 @@ compilation is cached on the loss function and the shapes.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import diffrax
@@ -169,17 +170,20 @@ def _fall_back(kind, fallback, arrays, optimizer, loss_fn, states, ts, param_ts,
     done = [int(steps[np.argmin(np.isfinite(row))]) if not np.isfinite(row).all() else int(steps[-1])
             for row in np.asarray(arrays.loss)[idx]]
 
-    def put(full, part):
-        full = np.array(full, copy=True)
-        full[idx] = part
-        return full
-
+    put = functools.partial(_put_rows, idx=idx)
     out = FlowArrays(*(jax.tree.map(put, a, b) for a, b in zip(arrays[:8], sub[:8])),
                      solver=put(arrays.solver, sub.solver), construction=put(arrays.construction, sub.construction),
                      note=put(arrays.note, [f"{kind} ran out of its step budget ({int(n)} solver steps) before step {d}; "
                                             f"these are {fallback}'s results" + (f" ({m})" if m else "")
                                             for n, d, m in zip(np.asarray(arrays.num_steps)[idx], done, sub.note)]))
     return out
+
+
+def _put_rows(full, part, idx):
+    """A copy of ``full`` with its rows ``idx`` replaced by ``part``."""
+    full = np.array(full, copy=True)
+    full[idx] = part
+    return full
 
 
 def _take(tree, idx):
@@ -306,12 +310,7 @@ def _retry_budget_hits(kind, shape, optimizer, loss_fn, states, stop, ts, param_
     redo = _solve_b(kind, _take(optimizer, idx), loss_fn, _take(states, idx), jnp.asarray(ts, dtype),
                     jnp.asarray(param_ts, dtype), _take(stop, idx), options, cfg, progress)
     redo = to_host(tuple(redo))
-
-    def put(full, part):
-        full = np.array(full, copy=True)
-        full[idx] = part
-        return full
-
+    put = functools.partial(_put_rows, idx=idx)
     sol = tuple(jax.tree.map(put, a, b) for a, b in zip(sol, redo))
     names[idx] = f"{solver_name(cfg)} (retried: {solver_name(first)} ran out of its step budget)"
     return sol, names
