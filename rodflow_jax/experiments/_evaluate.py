@@ -262,7 +262,9 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
             C = _rows(fa.centre)
             err = M.param_rel_error(C, mid[:, grid >= K], mid_K[:, None])
             err = np.where(np.isfinite(avg[:, fgrid]), err, np.nan)
-            fidx = np.nonzero(np.isin(fgrid, probe_steps))[0]
+            # the probe steps, and the flow's first saved step: a catapult under way when a flow
+            # starts has a sharpness before it to drop from (catapults' sharpness rule)
+            fidx = np.union1d([0], np.nonzero(np.isin(fgrid, probe_steps))[0])
             fprobes = probe(*jax.tree.map(lambda x: x[:, fidx], (fa.centre, fa.slow)), name)
             flows[name] = FlowResult(fa, fprobes, fgrid[fidx], err)
     return Evaluation(K, threshold_quantity, discrete, flows, timings)
