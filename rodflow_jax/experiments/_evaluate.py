@@ -150,7 +150,7 @@ def _period_two_states(states, window):
     p0, p1 = period_two_endpoints(window)
     leaves = jax.tree.leaves(p0)
     ok = np.all([np.isfinite(np.asarray(x)).reshape(x.shape[0], -1).all(axis=1) for x in leaves], axis=0)
-    ok &= np.asarray(period_two_trusted(window, batch_axis=True))
+    ok &= np.asarray(jax.vmap(lambda *w: period_two_trusted(w))(*window))
     pick = lambda a, b: jax.tree.map(  # noqa: E731
         lambda x, y: np.where(ok.reshape((-1,) + (1,) * (np.ndim(x) - 1)), np.asarray(x), np.asarray(y)), a, b)
     return pick(p0, z0), s0, pick(p1, z1), s1

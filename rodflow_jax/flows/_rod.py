@@ -98,27 +98,20 @@ def period_two_half(window: Sequence):
 PERIOD_TWO_GAIN_LIMIT = 2.0  # |r_n| above this times |r_1|: the iterates are in a transient (see below)
 
 
-def period_two_trusted(window: Sequence, *, batch_axis: bool = False):
+def period_two_trusted(window: Sequence):
     """Whether :func:`period_two_half` of ``window`` is a period-2 part at all: ``|r_n| <=``
-    :data:`PERIOD_TWO_GAIN_LIMIT` ``|r_1|`` (``r_1 = (z_{K+1} - z_K)/2``; a bool, or one per row
-    with ``batch_axis``). The filter passes a component that moves by ``m`` per step with gain
-    ``((1 - m)/2)^n``, above 1 for a *growing* oscillation (``m < -1``): a factor 2 at ``n = 8``
-    means ``|m| > 1.18``, a period-2 part that grows by 18 % a step, not the edge of stability
-    (whose oscillation grows or decays by a few %) but a transient, e.g. a run started above the
-    threshold whose first steps catapult. There the binomial weights amplify the transient (a
-    softplus network at GD 0.5 from step 0: ``|r_8| = 4.47`` against ``|r_1| = 1.11``, a rod whose
-    loss is 254 where the two iterates' is 22), and the rod starts from the two iterates instead."""
+    :data:`PERIOD_TWO_GAIN_LIMIT` ``|r_1|`` (``r_1 = (z_{K+1} - z_K)/2``; ``vmap`` it for a batch).
+    The filter passes a component that moves by ``m`` per step with gain ``((1 - m)/2)^n``, above
+    1 for a *growing* oscillation (``m < -1``): a factor 2 at ``n = 8`` means ``|m| > 1.18``, a
+    period-2 part that grows by 18 % a step, not the edge of stability (whose oscillation grows or
+    decays by a few %) but a transient, e.g. a run started above the threshold whose first steps
+    catapult. There the binomial weights amplify the transient (a softplus network at GD 0.5 from
+    step 0: ``|r_8| = 4.47`` against ``|r_1| = 1.11``, a rod whose loss is 254 where the two
+    iterates' is 22), and the rod starts from the two iterates instead."""
     if len(window) <= 2:
-        return jnp.ones(jax.tree.leaves(window[0])[0].shape[:1], bool) if batch_axis else jnp.asarray(True)
-    r1 = tree_half_diff(window[1], window[0])
-    rn = period_two_half(window)
-
-    def sumsq(tree):
-        if not batch_axis:
-            return tree_sum_squares(tree)
-        return sum(jnp.sum(jnp.square(jnp.reshape(x, (x.shape[0], -1))), axis=1) for x in jax.tree.leaves(tree))
-
-    return sumsq(rn) <= PERIOD_TWO_GAIN_LIMIT**2 * sumsq(r1)
+        return jnp.asarray(True)
+    r1, rn = tree_half_diff(window[1], window[0]), period_two_half(window)
+    return tree_sum_squares(rn) <= PERIOD_TWO_GAIN_LIMIT**2 * tree_sum_squares(r1)
 
 
 def period_two_endpoints(window: Sequence):

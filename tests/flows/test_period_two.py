@@ -1,5 +1,6 @@
 """The rod's initial half-vector from the iterates' period-2 part (flows/_rod.py)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -43,13 +44,13 @@ def test_a_mode_moving_by_m_per_step_has_gain_minus_half_one_minus_m_to_the_n(m)
 def test_a_growing_transient_is_not_trusted_as_a_period_two_part(m, trusted):
     """A drift plus an oscillation moving by m per step: the order-8 filter amplifies it by
     ((1 - m)/2)^8 (2.0 at m = -1.18), and past a factor 2 the rod starts from the two iterates
-    (the drift here is small, so |r_1| ~ the oscillation's size); per row with a batch axis."""
+    (the drift here is small, so |r_1| ~ the oscillation's size); per row under vmap."""
     rng = np.random.default_rng(1)
     s, b = rng.normal(size=(2, 4))
     window = [{"w": 0.01 * b * j + m**j * s} for j in range(PERIOD_TWO_ORDER + 1)]
     assert bool(period_two_trusted(window)) is trusted
     batched = [{"w": np.stack([x["w"], 0.0 * x["w"] + (-1.0) ** j])} for j, x in enumerate(window)]
-    np.testing.assert_array_equal(period_two_trusted(batched, batch_axis=True), [trusted, True])
+    np.testing.assert_array_equal(jax.vmap(lambda *w: period_two_trusted(w))(*batched), [trusted, True])
     assert bool(period_two_trusted(window[:2]))  # order 1 is the two iterates themselves
 
 
