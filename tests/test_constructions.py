@@ -67,6 +67,12 @@ def test_second_order_rods_hold_r_to_their_own_tolerance():
     stable2 = rf.second_order(rf.make_flow("stable", opt, loss, *states)[0])
     assert default_solver(stable2, jnp.float64).half_atol is None  # nothing to scale
     assert half_atol(jnp.float64, 1e-9) == c64.half_atol and half_atol(jnp.float32, 1e-7) == 1e-7
+    # a second-order rod outside its correction's range stalls: its budget is paced (a fallback takes over)
+    from rodflow_jax._integrate import PacedBudget, step_size_controller
+
+    for dtype in (jnp.float64, jnp.float32):
+        assert isinstance(step_size_controller(rod2, default_solver(rod2, dtype)), PacedBudget)
+    assert not isinstance(step_size_controller(rod1, default_solver(rod1, jnp.float64)), PacedBudget)
 
 
 def test_half_tolerance_is_relative_to_the_rod_between_its_floor_and_atol():
@@ -76,7 +82,7 @@ def test_half_tolerance_is_relative_to_the_rod_between_its_floor_and_atol():
     opt, loss, states = _start("gd")
     rod2, y = rf.make_flow("rod2", opt, loss, *states)
     cfg = default_solver(rod2, jnp.float64)
-    ctrl = step_size_controller(rod2, cfg)
+    ctrl = step_size_controller(rod2, cfg).controller  # (inside its PacedBudget)
     assert isinstance(ctrl, HalfTolerance) and (ctrl.rtol, ctrl.atol) == (cfg.rtol, cfg.atol)
     rtol, atol, floor = cfg.rtol, cfg.atol, cfg.half_atol
     err = jax.tree.map(jnp.ones_like, y)
@@ -88,9 +94,10 @@ def test_half_tolerance_is_relative_to_the_rod_between_its_floor_and_atol():
         np.testing.assert_allclose(flat(out.half), (atol + rtol * a) / (tol + rtol * a), rtol=1e-12)
         assert np.all(flat(out.centre) == 1.0) and np.all(flat(out.slow) == 1.0)
     # no wrapper where r keeps atol, or for a flow without a rod
-    assert not isinstance(step_size_controller(rod2, dataclasses.replace(cfg, half_atol=cfg.atol)), HalfTolerance)
+    unpaced = dataclasses.replace(cfg, reserve=None)
+    assert not isinstance(step_size_controller(rod2, dataclasses.replace(unpaced, half_atol=cfg.atol)), HalfTolerance)
     stable, _ = rf.make_flow("stable", opt, loss, *states)
-    assert not isinstance(step_size_controller(stable, cfg), HalfTolerance)
+    assert not isinstance(step_size_controller(stable, unpaced), HalfTolerance)
 
 
 def test_second_order_rod_lets_r_decay_to_rounding_level_before_the_edge():

@@ -196,3 +196,27 @@ def test_a_second_order_rod_out_of_its_budget_falls_back_to_its_first_order_rod(
     assert m["rod2"]["solver"] == m["rod1"]["solver"] == "Tsit5"
     assert m["rod2"]["final_loss"] == m["rod1"]["final_loss"] and m["rod2"]["solver_steps"] == m["rod1"]["solver_steps"]
     assert m["rod1"]["construction"] == "rod1" and m["rod1"]["message"] == ""
+
+
+def _decay_solve(rate, controller, t1=50.0):
+    term = diffrax.ODETerm(lambda t, y, args: -rate * y)
+    return diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.0, t1, 0.1, jnp.ones(3), stepsize_controller=controller,
+                               max_steps=16 * int(t1) + 16, throw=False, saveat=diffrax.SaveAt(t1=True))
+
+
+def test_a_paced_budget_stops_a_stall_early_and_leaves_a_solve_that_keeps_pace_alone():
+    """Explicit Tsit5 on ``y' = -1e6 y`` is held to its stability limit (``dt`` about 3e-6): it
+    spends an 816-step budget (16 per unit time over 50, + 16) short of ``t = 0.003``. Paced with
+    a reserve of 2 units it stops at ``16 * 2 + 16 + 1 = 49`` steps. On ``y' = -y`` (a few steps
+    a unit) pacing changes nothing: the same steps, the same bits."""
+    pid = diffrax.PIDController(rtol=1e-6, atol=1e-10)
+    paced = I.PacedBudget(pid, per_step=16, reserve=2)
+    stall, stall_paced = _decay_solve(1e6, pid), _decay_solve(1e6, paced)
+    for sol in (stall, stall_paced):
+        assert sol.result == diffrax.RESULTS.max_steps_reached
+    assert int(stall.stats["num_steps"]) == 816 and int(stall_paced.stats["num_steps"]) == 49
+    smooth, smooth_paced = _decay_solve(1.0, pid), _decay_solve(1.0, paced)
+    assert smooth_paced.result == diffrax.RESULTS.successful
+    assert int(smooth.stats["num_steps"]) == int(smooth_paced.stats["num_steps"]) < 816
+    np.testing.assert_array_equal(smooth.ys, smooth_paced.ys)
+

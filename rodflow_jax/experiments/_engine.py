@@ -160,15 +160,18 @@ def _fall_back(kind, fallback, arrays, optimizer, loss_fn, states, ts, param_ts,
     0.7 to 65). Its correction ``-Dv[v]/2`` is a series in ``eta lambda`` that stops converging at
     1 and turns into a stiff term of size ``(eta lambda)^2/2`` there: Tsit5 spent its whole budget
     (3,856 solver steps) without reaching step 1, and the implicit retry spent over 15 minutes to
-    fail as well, where the first-order rod took 92 solver steps."""
+    fail as well, where the first-order rod took 92 solver steps. (The second-order rods' budget is
+    paced since, :class:`~rodflow_jax._integrate.PacedBudget`, so such a stall ends within 16
+    steps' worth of it.)"""
     idx = np.nonzero(np.asarray(arrays.result) == _BUDGET_HIT)[0]
     if not len(idx):
         return arrays
     sub = solve_batch(fallback, _take(optimizer, idx), loss_fn, _take(states, idx), ts, param_ts,
                       np.asarray(stop_at)[idx], options=flow_kind(fallback).own_options(options), progress=progress)
     steps = np.asarray(ts)
-    done = [int(steps[np.argmin(np.isfinite(row))]) if not np.isfinite(row).all() else int(steps[-1])
-            for row in np.asarray(arrays.loss)[idx]]
+    # the first step it did not reach (a solve that stalls at once saves not even its start: step K + 1)
+    done = [max(int(steps[np.argmin(np.isfinite(row))]), int(steps[0]) + 1) if not np.isfinite(row).all()
+            else int(steps[-1]) for row in np.asarray(arrays.loss)[idx]]
 
     put = functools.partial(_put_rows, idx=idx)
     out = FlowArrays(*(jax.tree.map(put, a, b) for a, b in zip(arrays[:8], sub[:8])),
