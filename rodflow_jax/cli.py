@@ -40,7 +40,9 @@ def _common(numeric_hparams: bool) -> argparse.ArgumentParser:
                        help="default: the problem's" if numeric_hparams else "A:B:N[:log] or v1,v2,... "
                        "(default: the problem's)")
     c.add_argument("--steps", type=int, default=None, help="discrete steps (default: the problem's)")
-    c.add_argument("--start-step", default="auto", help="step K the flows start from, or 'auto'")
+    c.add_argument("--start-step", default="auto", help="step K the flows start from, or 'auto': 0 for GD and "
+                   "RMSProp, ceil(10/(1-beta)) with momentum or b1 (a run that starts above 1.5x its threshold: "
+                   "metrics.json's start_note says where its initial transient ends)")
     c.add_argument("--float64", action="store_true", help="run everything in double precision")
     c.add_argument("--no-progress", action="store_true", help="no progress bars or phase lines")
     c.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
@@ -269,6 +271,8 @@ def _table(metrics) -> str:
     rows.append(f"edge of stability (discrete): sharpness >= 95% of threshold at step {metrics.get('eos_onset_step')}"
                 f", crosses it at step {metrics.get('eos_crossing_step')}, first catapult at step "
                 f"{metrics.get('first_catapult_step')} (dt: a flow's first catapult minus the discrete one)")
+    if metrics.get("start_note"):
+        rows.append(metrics["start_note"])
     return "\n".join(rows)
 
 

@@ -203,6 +203,18 @@ def missing_flow(name: str, start_step: int, message: str) -> FlowRecord:
                          "failed_at": start_step, "message": message, "solver_steps": 0, "rejected_steps": 0})
 
 
+def start_note(probe_steps, ratio, start_step: int, threshold_quantity: str) -> str:
+    """Where flows started at ``start_step`` start inside the initial transient of a run that
+    starts far past its edge (:func:`~rodflow_jax._metrics.after_initial_transient`), the note
+    that says so and from where they would not; else ``""``."""
+    end = M.after_initial_transient(probe_steps, ratio)
+    if end is None or end <= start_step:
+        return ""
+    return (f"the run starts past its edge ({threshold_quantity} {float(ratio[0]):.3g}x the threshold at step 0) "
+            f"and is back under it at step {end}: the flows from step {start_step} start inside that initial "
+            f"transient (--start-step {end} starts them after it)")
+
+
 def run_record(ev, i: int, models) -> dict[str, Any]:
     """The record of configuration ``i``: what metrics.json holds and what a sweep row holds."""
     d = discrete_record(ev, i)
@@ -218,6 +230,9 @@ def run_record(ev, i: int, models) -> dict[str, Any]:
         "first_catapult_step": d.first_catapult_step,
         "discrete": d.to_json(),
     }
+    note = start_note(ev.probe_steps, ev.ratio(i), ev.start_step, ev.threshold_quantity)
+    if note:
+        out["start_note"] = note
     for name in models:
         if name in ev.flows and ev.started(i):  # alone or in any batch, the same record
             out[name] = flow_record(ev, name, i).to_json()

@@ -86,6 +86,33 @@ def test_eos_onset_counts_from_the_first_return_below():
     assert eos_fraction(steps, np.full(6, np.float32(0.9) + np.float32(3e-8))) == 0.0
 
 
+def test_where_the_initial_transient_of_a_run_that_starts_past_its_edge_ends():
+    from rodflow_jax._metrics import after_initial_transient
+
+    steps = np.arange(0, 100, 4)
+    ratio = np.r_[2.0, 1.8, 1.2, 0.9, 0.95, np.ones(20)]
+    assert after_initial_transient(steps, ratio) == 12  # back under the threshold at step 12
+    assert after_initial_transient(steps, np.r_[1.45, ratio[1:]]) is None  # starts near the edge
+    assert after_initial_transient(steps, np.r_[2.0, np.full(24, 1.1)]) is None  # never back under
+    assert after_initial_transient(steps, np.r_[np.nan, ratio[1:]]) is None  # no probe at the start
+    assert after_initial_transient(steps[1:], ratio[1:]) is None  # no probe at step 0
+
+
+def test_compare_says_where_an_initial_catapult_ends():
+    """A two-parameter network ``(uv - 1)^2 / 2`` from ``u = 3, v = 0.1`` at GD 0.35 starts at 1.58x
+    its threshold; its loss rises 18-fold in two steps and its sharpness is back under the
+    threshold at step 4. The flows keep the start asked for, and the record says where the
+    transient ends; from there on, no note."""
+    loss = lambda p: 0.5 * (p["u"] * p["v"] - 1.0) ** 2  # noqa: E731
+    p0 = {"u": jnp.asarray(3.0, jnp.float64), "v": jnp.asarray(0.1, jnp.float64)}
+    opt = rf.make_optimizer("gd", learning_rate=0.35)
+    first = rf.compare(loss, p0, opt, 40, models=["discrete", "stable"], probe_every=1, keep_discrete=True)
+    assert first.metrics["start_step"] == 0
+    assert "back under it at step 4" in first.metrics["start_note"] and "--start-step 4" in first.metrics["start_note"]
+    after = rf.compare(loss, p0, opt, 40, models=["discrete", "stable"], probe_every=1, start_step=4, reuse=first)
+    assert "start_note" not in after.metrics
+
+
 def test_compare_from_a_second_start_reuses_the_discrete_run():
     """``reuse=`` takes an earlier comparison's discrete run and probes instead of recomputing
     them: the records and trajectories equal a fresh comparison's, the reused run costs nothing
