@@ -375,7 +375,29 @@ def default_solver(flow: AbstractFlow, dtype, *, differentiable: bool = False) -
     return SolverConfig(diffrax.Tsit5(), rtol, atol, 64)
 
 
-class HalfTolerance(diffrax.AbstractAdaptiveStepSizeController):
+class _Wrapped(diffrax.AbstractAdaptiveStepSizeController):
+    """A step-size controller that is its inner ``controller`` with one thing changed (its
+    tolerances, norm and time direction are the inner one's)."""
+
+    controller: Any
+
+    @property
+    def rtol(self):
+        return self.controller.rtol
+
+    @property
+    def atol(self):
+        return self.controller.atol
+
+    @property
+    def norm(self):  # noqa: D102
+        return self.controller.norm
+
+    def wrap(self, direction):
+        return eqx.tree_at(lambda c: c.controller, self, self.controller.wrap(direction))
+
+
+class HalfTolerance(_Wrapped):
     """``controller`` with a rod's oscillation part (``r``, and its velocity) held to a tolerance
     relative to the rod as a whole: ``clip(rtol |o|, half_atol, atol) + rtol |o_i|`` per component
     ``o_i`` of the oscillation ``o`` (``|o|`` its two-norm, the larger at the step's two ends),
@@ -393,24 +415,8 @@ class HalfTolerance(diffrax.AbstractAdaptiveStepSizeController):
     judges it (``(atol + rtol a_i) / (tol + rtol a_i)``); everything else is ``controller``'s.
     """
 
-    controller: diffrax.PIDController
     flow: AbstractFlow  # whose ``oscillation(y)`` is ``y`` with all but its oscillation part zero
     half_atol: float = eqx.field(static=True)
-
-    @property
-    def rtol(self):
-        return self.controller.rtol
-
-    @property
-    def atol(self):
-        return self.controller.atol
-
-    @property
-    def norm(self):  # noqa: D102
-        return self.controller.norm
-
-    def wrap(self, direction):
-        return eqx.tree_at(lambda c: c.controller, self, self.controller.wrap(direction))
 
     def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
         return self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
@@ -436,7 +442,7 @@ class HalfTolerance(diffrax.AbstractAdaptiveStepSizeController):
                                                controller_state)
 
 
-class PacedBudget(diffrax.AbstractAdaptiveStepSizeController):
+class PacedBudget(_Wrapped):
     """``controller`` with the solve's step budget enforced as it goes: it stops with
     ``max_steps_reached`` once it has taken more than ``per_step (t - t_0 + reserve) + 16``
     steps, ``t`` the time it has reached (in optimizer steps). The whole solve's budget is
@@ -452,24 +458,8 @@ class PacedBudget(diffrax.AbstractAdaptiveStepSizeController):
     1.4-2.8 solver steps per simulated step: a 2,048-step reserve leaves them untouched.
     """
 
-    controller: Any
     per_step: int = eqx.field(static=True)
     reserve: int = eqx.field(static=True)
-
-    @property
-    def rtol(self):
-        return self.controller.rtol
-
-    @property
-    def atol(self):
-        return self.controller.atol
-
-    @property
-    def norm(self):  # noqa: D102
-        return self.controller.norm
-
-    def wrap(self, direction):
-        return eqx.tree_at(lambda c: c.controller, self, self.controller.wrap(direction))
 
     def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
         t, inner = self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
