@@ -257,3 +257,18 @@ def test_a_shard_whose_every_configuration_diverged_merges(tmp_path):
     assert all(r["discrete"]["diverged"] for r in last)
     merge_shards(parts, tmp_path / "merged")
     _same_sweep(whole, tmp_path / "merged")
+
+
+def test_configurations_are_padded_to_two_rows_a_device_at_least():
+    """A batch of one row rounds differently from a batch of two or more on XLA's CPU kernels,
+    so a device never holds a single configuration: the last row is repeated."""
+    import jax
+    import jax.numpy as jnp
+
+    from rodflow_jax.experiments._sharding import config_sharding, pad_and_shard
+
+    one = config_sharding(jax.devices()[:1])
+    x = jnp.arange(6.0).reshape(2, 3)
+    assert pad_and_shard(x[:1], one).shape == (2, 3)
+    np.testing.assert_array_equal(pad_and_shard(x[:1], one)[1], x[0])
+    assert pad_and_shard(x, one).shape == (2, 3) and pad_and_shard(jnp.zeros((3, 1)), one).shape == (3, 1)
