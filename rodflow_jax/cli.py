@@ -268,9 +268,13 @@ def _table(metrics) -> str:
         mx = metrics.get("error_ratio_max")
         rows.append(f"stable/rod error ratio: final {metrics['error_ratio_final']:.3g}"
                     + (f", max {mx:.3g}" if mx is not None else ""))
-    rows.append(f"edge of stability (discrete): sharpness >= 95% of threshold at step {metrics.get('eos_onset_step')}"
-                f", crosses it at step {metrics.get('eos_crossing_step')}, first catapult at step "
-                f"{metrics.get('first_catapult_step')} (dt: a flow's first catapult minus the discrete one)")
+    def at(key):
+        step = metrics.get(key)
+        return "never" if step is None else f"step {step}"
+
+    rows.append(f"edge of stability (discrete): sharpness >= 95% of threshold: {at('eos_onset_step')}; crosses it: "
+                f"{at('eos_crossing_step')}; first catapult: {at('first_catapult_step')} (dt: a flow's first "
+                "catapult minus the discrete one)")
     if metrics.get("start_note"):
         rows.append(metrics["start_note"])
     return "\n".join(rows)
