@@ -84,8 +84,9 @@ def after_initial_transient(steps: np.ndarray, ratio: np.ndarray, level: float =
     an unseen softplus network (GD, 600 steps, float64): from 2.3x its threshold the second-order
     rod fires the initial catapult on the discrete step; from 4.4x and 14x it runs out of its
     budget and falls back to the first-order rod, whose final error (0.88 and 1.00) is then
-    hardly below the stable flow's (0.98 and 1.00). ``compare`` therefore keeps its start and says where this transient ends
-    (``metrics.json``'s ``start_note``), so that ``--start-step`` can skip it."""
+    hardly below the stable flow's (0.98 and 1.00). ``compare`` therefore keeps its start and
+    says where this transient ends (``metrics.json``'s ``start_note``), so that
+    ``--start-step`` can skip it."""
     ratio = np.asarray(ratio, float)
     steps = np.asarray(steps)
     if ratio.size == 0 or steps[0] != 0 or not np.isfinite(ratio[0]) or ratio[0] <= level:

@@ -268,6 +268,7 @@ def _table(metrics) -> str:
         mx = metrics.get("error_ratio_max")
         rows.append(f"stable/rod error ratio: final {metrics['error_ratio_final']:.3g}"
                     + (f", max {mx:.3g}" if mx is not None else ""))
+
     def at(key):
         step = metrics.get(key)
         return "never" if step is None else f"step {step}"
