@@ -396,6 +396,9 @@ class _Wrapped(diffrax.AbstractAdaptiveStepSizeController):
     def wrap(self, direction):
         return eqx.tree_at(lambda c: c.controller, self, self.controller.wrap(direction))
 
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        return self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
+
 
 class HalfTolerance(_Wrapped):
     """``controller`` with a rod's oscillation part (``r``, and its velocity) held to a tolerance
@@ -417,9 +420,6 @@ class HalfTolerance(_Wrapped):
 
     flow: AbstractFlow  # whose ``oscillation(y)`` is ``y`` with all but its oscillation part zero
     half_atol: float = eqx.field(static=True)
-
-    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
-        return self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
 
     def weighted_error(self, y0, y1, y_error):
         """``y_error`` with its oscillation part rescaled so that ``controller``'s per-component
@@ -462,7 +462,7 @@ class PacedBudget(_Wrapped):
     reserve: int = eqx.field(static=True)
 
     def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
-        t, inner = self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
+        t, inner = super().init(terms, t0, t1, y0, dt0, args, func, error_order)
         return t, (inner, jnp.zeros((), jnp.int32), jnp.asarray(t0))
 
     def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state):
