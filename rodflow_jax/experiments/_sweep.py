@@ -162,7 +162,10 @@ def sweep(
     params = stack_trees([by_seed[s] for _, s in configs])
     B = len(configs)
     sharding = config_sharding(devices)
-    optimizer, params = pad_and_shard((optimizer, params), sharding)
+    # a shard's rows must round as in the whole sweep (two rows at least: pad_and_shard); a whole
+    # sweep of one configuration on one device stays compare's batch of one
+    min_rows = 1 if shard is None and sharding is None else 2
+    optimizer, params = pad_and_shard((optimizer, params), sharding, min_rows)
     say(progress, f"sweep: {B} configurations x {num_steps} steps, models {', '.join(models)}"
         + (f", shard {shard[0]}/{shard[1]} (configurations {first}..{stop - 1} of {B_all})" if shard else "")
         + (f", sharded over {sharding.mesh.size} devices" if sharding else ""))

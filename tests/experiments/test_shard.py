@@ -43,10 +43,10 @@ def whole(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """The 6 configurations as 2 and as 3 shards, saved."""
+    """The 6 configurations as 2, 3 and 4 shards (4: two shards of one configuration), saved."""
     root = tmp_path_factory.mktemp("shards")
     dirs = {}
-    for n in (2, 3):
+    for n in (2, 3, 4):
         dirs[n] = [_sweep((i, n)).save(root / f"s{i}of{n}") for i in range(n)]
     return dirs
 
@@ -75,13 +75,16 @@ def test_shard_ranges_tile_the_grid_in_order():
         shard_range(3, (0, 4))
 
 
-@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("n", [2, 3, 4])
 def test_merged_shards_equal_the_whole_sweep(whole, shards, n, tmp_path):
     infos = [json.loads((d / "sweep_info.json").read_text()) for d in shards[n]]
     assert [i["shard"]["configurations"] for i in infos] == [list(shard_range(6, (i, n))) for i in range(n)]
     assert sum(i["num_configurations"] for i in infos) == 6
     out = merge_shards(list(reversed(shards[n])), tmp_path / "merged")  # any order on the command line
     _same_sweep(whole, out)
+    with np.load(whole / "sweep_arrays.npz") as za, np.load(out / "sweep_arrays.npz") as zb:
+        for k in za.files:  # bit for bit: a shard of one configuration is padded to two rows (unpadded: 2e-13 off)
+            np.testing.assert_array_equal(za[k], zb[k], err_msg=k)
     a, b = (json.loads((d / "sweep_info.json").read_text()) for d in (whole, out))
     assert "shard" not in b and b.pop("merged_shards") == n
     assert a == b  # fingerprint, start step, probe grid, num_configurations: all the whole sweep's
@@ -272,3 +275,8 @@ def test_configurations_are_padded_to_two_rows_a_device_at_least():
     assert pad_and_shard(x[:1], one).shape == (2, 3)
     np.testing.assert_array_equal(pad_and_shard(x[:1], one)[1], x[0])
     assert pad_and_shard(x, one).shape == (2, 3) and pad_and_shard(jnp.zeros((3, 1)), one).shape == (3, 1)
+    # on one device too, for a shard: one configuration must equal its row of the whole sweep
+    np.testing.assert_array_equal(pad_and_shard(x[:1], None), np.stack([x[0], x[0]]))
+    assert pad_and_shard(jnp.zeros((3, 1)), None).shape == (3, 1)
+    assert pad_and_shard({"a": x[:1], "name": "gd"}, None)["name"] == "gd"
+    assert pad_and_shard(x[:1], None, min_rows=1).shape == (1, 3)  # a whole sweep of one: compare's batch
