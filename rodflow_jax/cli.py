@@ -93,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", default="1", help="a count S (seeds 0..S-1) or a comma list of seeds")
     s.add_argument("--devices", default="none", choices=("none", "all"), help="all: shard configurations over devices")
     s.add_argument("--out", default=None, help="output folder (default runs/sweep-PROBLEM-OPTIMIZER)")
+    s.add_argument("--batch-size", default="auto", metavar="B",
+                   help="configurations per vmapped call on each device ('auto': 2 on a CPU, 128 on an accelerator); "
+                   "every layout of a sweep (whole, --shard, --devices) computes its rows in calls of this size, "
+                   "so they agree bit for bit on one kind of device; lower it when a call does not fit in memory")
     s.add_argument("--shard", default=None, metavar="I/N",
                    help="run only slice I (0-based) of N of the configurations (a job array task; "
                    "join the N folders with rodflow merge)")
@@ -382,7 +386,7 @@ def _cmd_sweep(args) -> int:
                    start_step=args.start_step, probe_every=args.probe_every, top_k=args.top_k,
                    sharpness_method=args.sharpness_method, flow_options=_flow_options(args),
                    devices=None if args.devices == "none" else "all", progress=_progress(args) if primary else False,
-                   shard=shard)
+                   shard=shard, batch_size=args.batch_size)
     if not primary:
         return 0  # process 0 holds the same gathered results and writes them
     result.info["float64"] = bool(args.float64)

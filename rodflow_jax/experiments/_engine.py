@@ -54,8 +54,108 @@ def placed_like(tree, ref):
 
 
 def _sharded(tree) -> bool:
+    return _sharding_of(tree) is not None
+
+
+def _sharding_of(tree) -> jax.sharding.NamedSharding | None:
     arrays = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
-    return bool(arrays) and isinstance(arrays[0].sharding, jax.sharding.NamedSharding)
+    sharding = arrays[0].sharding if arrays else None
+    return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
+
+
+# --- row blocks ---------------------------------------------------------------------------------
+def row_blocks(n: int, size: int | None) -> list[np.ndarray]:
+    """The rows of each kernel call: consecutive blocks of ``size`` rows (``None``: one call of
+    all ``n``), the last padded by repeating the batch's last row, so that every call has one shape.
+
+    Why blocks of a fixed size: XLA's CPU kernels round a batch of 2 rows differently from a
+    batch of 4 (and a batch of 1 from both), and a row at position 0 of a call differently from
+    the same row at position 1; the other rows' values do not matter. Measured on an unseen tanh
+    network on sklearn's diabetes data, RMSProp's stiff stable flow (Kvaerno5+GMRES, 300 steps):
+    a configuration took 160 solver steps in a call of 4 rows and 161 in a call of 2; swapping
+    the two rows of a call moves the stable flow's loss by 1e-16 and a rod's by 2e-15 in 30
+    steps. So a sweep computes row i of its grid at position ``i % size`` of a call of ``size``
+    rows whatever its layout (whole, job-array shards: a shard is padded in front to its place,
+    :func:`~._sharding.pad_and_shard`), and its rows agree bit for bit between layouts
+    (``rodflow sweep --batch-size``)."""
+    if size is None or n == 0:
+        return [np.arange(n)]
+    return [np.minimum(np.arange(s, s + size), n - 1) for s in range(0, n, size)]
+
+
+def aligned_rows(idx, n: int, rows: int | None):
+    """The rows of the whole blocks of ``rows`` (of a batch of ``n``) that hold the rows ``idx``,
+    and where ``idx`` sit in them: a retry of some rows recomputes their blocks, so that each row
+    keeps its place in its call (``None``: just ``idx``)."""
+    idx = np.asarray(idx, int)
+    if rows is None:
+        return idx, np.arange(len(idx))
+    blocks = np.unique(idx // rows)
+    take = np.concatenate([np.minimum(np.arange(b * rows, (b + 1) * rows), n - 1) for b in blocks])
+    return take, np.searchsorted(blocks, idx // rows) * rows + idx % rows
+
+
+def _take_rows(tree, idx, sharding=None):
+    """Rows ``idx`` of every batched array of ``tree``, placed on ``sharding`` (``None``: as they are)."""
+    def one(x):
+        if not eqx.is_array(x):
+            return x
+        if sharding is not None:
+            return place(to_host(x)[idx], sharding)
+        return x[jnp.asarray(idx)] if isinstance(x, jax.Array) else jnp.asarray(np.asarray(x)[idx])
+
+    return jax.tree.map(one, tree)
+
+
+def _batch_size(tree) -> int:
+    return int([x for x in jax.tree.leaves(tree) if eqx.is_array(x)][0].shape[0])
+
+
+def _block_size(rows: int | None, sharding) -> int | None:
+    return None if rows is None else rows * (sharding.mesh.size if sharding is not None else 1)
+
+
+def by_blocks(call, batched: tuple, rows: int | None):
+    """``call(*batched)`` in blocks of ``rows`` rows a device (:func:`row_blocks`; ``None``: one
+    call), each output gathered to the host and the blocks joined, padding dropped."""
+    sharding = _sharding_of(batched)
+    n = _batch_size(batched)
+    blocks = row_blocks(n, _block_size(rows, sharding))
+    if len(blocks) == 1 and len(blocks[0]) == n:
+        return to_host(call(*batched))
+    outs = [to_host(call(*_take_rows(batched, idx, sharding))) for idx in blocks]
+    return jax.tree.map(lambda *x: np.concatenate(x)[:n], *outs)
+
+
+def map_rows(f, batched: tuple, shared: tuple = (), mesh: jax.sharding.Mesh | None = None):
+    """``f(*row, *shared)`` for every row of ``batched`` (leading axis B), one ``eqx.filter_vmap``.
+
+    On a ``mesh`` (the configuration axis sharded over it) each device maps its own rows under
+    ``shard_map``, so its program is the one a single device runs on that many rows. Left to
+    GSPMD's partitioner the program rounds differently: 4 configurations of a stiff stable flow
+    (an unseen tanh network on sklearn's diabetes data, RMSProp, 300 steps) on 2 devices x 2
+    rows ended 1e-16 away from calls of 2 rows on one device, one of them a solver step apart."""
+    g = eqx.filter_vmap(lambda b, s: f(*b, *s), in_axes=(0, None))
+    if mesh is None:
+        return g(batched, shared)
+    arrays, static = eqx.partition(batched, eqx.is_array)
+    shared_arrays, shared_static = eqx.partition(shared, eqx.is_array)
+    out_static = []
+
+    def local(a, sa):
+        out_arrays, out_rest = eqx.partition(g(eqx.combine(a, static), eqx.combine(sa, shared_static)), eqx.is_array)
+        out_static.append(out_rest)
+        return out_arrays
+
+    spec = jax.sharding.PartitionSpec
+    out = jax.shard_map(local, mesh=mesh, in_specs=(spec("config"), spec()), out_specs=spec("config"),
+                        check_vma=False)(arrays, shared_arrays)
+    return eqx.combine(out, out_static[0])
+
+
+def _mesh_of(tree) -> jax.sharding.Mesh | None:
+    sharding = _sharding_of(tree)
+    return None if sharding is None else sharding.mesh
 
 
 # --- rollout ------------------------------------------------------------------------------------
@@ -69,42 +169,57 @@ class Rollout(NamedTuple):
 
 
 @eqx.filter_jit
-def _init_b(optimizer, loss_fn, params):
-    return eqx.filter_vmap(lambda o, p: init_carry(o, loss_fn, p))(optimizer, params)
+def _init_b(optimizer, loss_fn, params, mesh=None):
+    return map_rows(lambda o, p: init_carry(o, loss_fn, p), (optimizer, params), (), mesh)
 
 
 @eqx.filter_jit
-def _chunk_b(optimizer, loss_fn, carry, ks, num_steps, mask):
-    return eqx.filter_vmap(lambda o, c: rollout_chunk(o, loss_fn, c, ks, num_steps, mask))(optimizer, carry)
+def _chunk_b(optimizer, loss_fn, carry, ks, num_steps, mask, mesh=None):
+    return map_rows(lambda o, c, k, n, m: rollout_chunk(o, loss_fn, c, k, n, m), (optimizer, carry),
+                    (ks, num_steps, mask), mesh)
 
 
 def rollout_batch(optimizer, params, loss_fn, num_steps: int, save_steps=None, *, chunk_size: int = 64,
-                  progress: bool = False, desc: str = "discrete") -> Rollout:
+                  progress: bool = False, desc: str = "discrete", rows: int | None = None) -> Rollout:
     """The optimizer of every configuration for ``num_steps`` steps, states kept at ``save_steps``
-    (default: every step)."""
+    (default: every step), in calls of ``rows`` configurations a device (:func:`row_blocks`;
+    ``None``: one call)."""
     total = num_steps + 1
     save_steps = np.arange(total) if save_steps is None else np.unique(np.asarray(save_steps, int))
     save_steps = save_steps[(save_steps >= 0) & (save_steps < total)]
-    carry = _init_b(optimizer, loss_fn, params)
+    sharding = _sharding_of((optimizer, params))
+    B = _batch_size((optimizer, params))
+    blocks = row_blocks(B, _block_size(rows, sharding))
+    whole = len(blocks) == 1 and len(blocks[0]) == B
+    opts = [optimizer if whole else _take_rows(optimizer, idx, sharding) for idx in blocks]
+    mesh = None if sharding is None else sharding.mesh
+    carries = [_init_b(o, loss_fn, params if whole else _take_rows(params, idx, sharding), mesh)
+               for o, idx in zip(opts, blocks)]
     n_chunks = -(-total // chunk_size)
     losses, halves, amps, kept = [], [], [], []
     n = jnp.asarray(num_steps)
+    join = lambda parts: np.concatenate(parts)[:B]  # noqa: E731  (the blocks' rows, padding dropped)
     with bar(total, desc, "step", progress) as b:
         for c in range(n_chunks):
             steps = np.arange(c * chunk_size, (c + 1) * chunk_size)  # one shape: one compilation
             mask = np.isin(steps, save_steps)
-            carry, out = _chunk_b(optimizer, loss_fn, carry, jnp.asarray(steps), n, jnp.asarray(mask))
             valid = steps < total
-            loss, half, amp = to_host((out.loss, out.half, out.amplitude))  # gathered under jax.distributed
+            idx = np.nonzero(mask & valid)[0]
+            parts = []
+            for j, o in enumerate(opts):
+                carries[j], out = _chunk_b(o, loss_fn, carries[j], jnp.asarray(steps), n, jnp.asarray(mask), mesh)
+                # gathered under jax.distributed; across processes only the kept steps travel
+                parts.append((to_host((out.loss, out.half, out.amplitude)), to_host(out.saved, take=idx)))
+            (loss, half, amp), saved = jax.tree.map(lambda *x: join(x), *parts)
             losses.append(loss[:, valid])
             halves.append(half[:, valid])
             amps.append(amp[:, valid])
-            idx = np.nonzero(mask & valid)[0]
-            kept.append(to_host(out.saved, take=idx))  # across processes only the kept steps travel
+            kept.append(saved)
             b.update(int(valid.sum()))
     saved = jax.tree.map(lambda *x: np.concatenate(x, axis=1), *kept)
+    diverged_at = join([to_host(c.diverged_at) for c in carries])
     return Rollout(np.concatenate(losses, 1), np.concatenate(halves, 1)[:, :num_steps],
-                   np.concatenate(amps, 1)[:, :num_steps], saved, save_steps, to_host(carry.diverged_at))
+                   np.concatenate(amps, 1)[:, :num_steps], saved, save_steps, diverged_at)
 
 
 # --- solve --------------------------------------------------------------------------------------
@@ -123,34 +238,35 @@ class FlowArrays(NamedTuple):
 
 
 @eqx.filter_jit
-def _solve_b(kind, optimizer, loss_fn, states, ts, param_ts, stop_at, options, config, progress):
-    def one(opt, st, stop):
+def _solve_b(kind, optimizer, loss_fn, states, ts, param_ts, stop_at, options, config, progress, mesh=None):
+    def one(opt, st, stop, ts_, pts_):
         flow, y0 = flow_kind(kind).start(opt, loss_fn, *st, **options)
-        cfg = config if config is not None else default_solver(flow, ts.dtype)
-        return solve(flow, y0, ts, param_ts, cfg, stop_at=stop, progress=progress)
+        cfg = config if config is not None else default_solver(flow, ts_.dtype)
+        return solve(flow, y0, ts_, pts_, cfg, stop_at=stop, progress=progress)
 
-    return eqx.filter_vmap(one)(optimizer, states, stop_at)
+    return map_rows(one, (optimizer, states, stop_at), (ts, param_ts), mesh)
 
 
 def solve_batch(kind: str, optimizer, loss_fn, states, ts, param_ts, stop_at, *, options=None,
-                config: SolverConfig | None = None, progress: bool = False) -> FlowArrays:
+                config: SolverConfig | None = None, progress: bool = False, rows: int | None = None) -> FlowArrays:
     """The ``kind`` flow of every configuration from its ``states = (z0, s0, z1, s1)`` (stacked),
-    over ``ts`` (integer steps), stopped at ``stop_at`` (B,) (``inf``: never).
+    over ``ts`` (integer steps), stopped at ``stop_at`` (B,) (``inf``: never), in calls of ``rows``
+    configurations a device (:func:`row_blocks`; ``None``: one call), retries included.
 
     With the default solver, a configuration whose flow runs out of its step budget is solved
     again: by the kind's :attr:`~rodflow_jax.flows.FlowKind.fallback` where it has one (a
     second-order rod outside the range its correction is valid in, :func:`_fall_back`), else by
     the matrix-free implicit solver (:func:`_retry_budget_hits`)."""
     kind = resolve(kind, optimizer)  # "rod": the construction this batch runs, decided on concrete values
-    arrays = _solve_rows(kind, optimizer, loss_fn, states, ts, param_ts, stop_at, options, config, progress)
+    arrays = _solve_rows(kind, optimizer, loss_fn, states, ts, param_ts, stop_at, options, config, progress, rows)
     fallback = flow_kind(kind).fallback
     if config is None and fallback is not None:
         arrays = _fall_back(kind, fallback, arrays, optimizer, loss_fn, states, ts, param_ts, stop_at, options,
-                            progress)
+                            progress, rows)
     return arrays
 
 
-def _fall_back(kind, fallback, arrays, optimizer, loss_fn, states, ts, param_ts, stop_at, options, progress):
+def _fall_back(kind, fallback, arrays, optimizer, loss_fn, states, ts, param_ts, stop_at, options, progress, rows):
     """``arrays`` with the rows whose ``kind`` solve ran out of its step budget replaced by
     ``fallback``'s solve (with the options it takes), each such row saying so in its note and
     naming ``fallback`` as its construction.
@@ -166,8 +282,11 @@ def _fall_back(kind, fallback, arrays, optimizer, loss_fn, states, ts, param_ts,
     idx = np.nonzero(np.asarray(arrays.result) == _BUDGET_HIT)[0]
     if not len(idx):
         return arrays
-    sub = solve_batch(fallback, _take(optimizer, idx), loss_fn, _take(states, idx), ts, param_ts,
-                      np.asarray(stop_at)[idx], options=flow_kind(fallback).own_options(options), progress=progress)
+    take, pos = aligned_rows(idx, len(arrays.result), rows)
+    sub = solve_batch(fallback, _take(optimizer, take), loss_fn, _take(states, take), ts, param_ts,
+                      np.asarray(stop_at)[take], options=flow_kind(fallback).own_options(options), progress=progress,
+                      rows=rows)
+    sub = FlowArrays(*(jax.tree.map(lambda x: np.asarray(x)[pos], part) for part in sub))
     steps = np.asarray(ts)
     # the first step it did not reach (a solve that stalls at once saves not even its start: step K + 1)
     done = [max(int(steps[np.argmin(np.isfinite(row))]), int(steps[0]) + 1) if not np.isfinite(row).all()
@@ -194,7 +313,8 @@ def _take(tree, idx):
     return jax.tree.map(lambda x: jnp.asarray(to_host(x)[idx]) if eqx.is_array(x) else x, tree)
 
 
-def _solve_rows(kind, optimizer, loss_fn, states, ts, param_ts, stop_at, options, config, progress) -> FlowArrays:
+def _solve_rows(kind, optimizer, loss_fn, states, ts, param_ts, stop_at, options, config, progress,
+                rows) -> FlowArrays:
     """:func:`solve_batch` without the fallback: one batched solve, budget hits retried implicitly."""
     dtype = jax.tree.leaves(states[0])[0].dtype
     n, m = len(ts), len(param_ts)
@@ -202,13 +322,13 @@ def _solve_rows(kind, optimizer, loss_fn, states, ts, param_ts, stop_at, options
     # one compilation; the padding is sliced off again
     ts_p, pts_p = _pad(np.asarray(ts), _bucket(n)), _pad(np.asarray(param_ts), _bucket(m))
     states, stop = placed_like((states, np.asarray(stop_at, dtype)), optimizer)
-    sol = _solve_b(kind, optimizer, loss_fn, states, jnp.asarray(ts_p, dtype), jnp.asarray(pts_p, dtype),
-                   stop, dict(options or {}), config, progress)
-    sol = to_host(tuple(sol))
+    ts_j, pts_j = jnp.asarray(ts_p, dtype), jnp.asarray(pts_p, dtype)
+    sol = by_blocks(lambda o, st, sp: tuple(_solve_b(kind, o, loss_fn, st, ts_j, pts_j, sp, dict(options or {}),
+                                                     config, progress, _mesh_of(o))), (optimizer, states, stop), rows)
     shape = _flow_shape(kind, optimizer, loss_fn, states, dict(options or {}))
     if config is None:
         sol, names = _retry_budget_hits(kind, shape, optimizer, loss_fn, states, stop, ts_p, pts_p,
-                                        dict(options or {}), sol, dtype, progress)
+                                        dict(options or {}), sol, dtype, progress, rows)
     else:
         names = np.full(len(sol[5]), solver_name(config), dtype=object)
     # every row was solved (or retried) at the tolerance of this config: the hold rule's scale
@@ -296,13 +416,14 @@ def _flow_shape(kind, optimizer, loss_fn, states, options):
 _BUDGET_HIT = int(diffrax.RESULTS.max_steps_reached._value)
 
 
-def _retry_budget_hits(kind, shape, optimizer, loss_fn, states, stop, ts, param_ts, options, sol, dtype, progress):
+def _retry_budget_hits(kind, shape, optimizer, loss_fn, states, stop, ts, param_ts, options, sol, dtype, progress,
+                       rows):
     """The configurations whose default *explicit* solve ran out of its step budget, solved again
     with the matrix-free implicit solver (:func:`~rodflow_jax._integrate.implicit_retry`), their rows
     replaced: the rest keep the explicit solution. Returns the rows and each row's solver name.
 
-    The retry is host-side, on the failed rows only (gathered to one device when the batch is
-    sharded, as the probes are); it compiles one more solve per batch size that needs it."""
+    The retry is host-side, on the calls that hold failed rows (gathered to one device when the
+    batch is sharded, as the probes are); it compiles one more solve per batch size that needs it."""
     first = default_solver(shape, dtype)
     names = np.full(len(sol[5]), solver_name(first), dtype=object)
     hit = np.asarray(sol[5]) == _BUDGET_HIT
@@ -310,9 +431,11 @@ def _retry_budget_hits(kind, shape, optimizer, loss_fn, states, stop, ts, param_
         return sol, names  # (a kind with a fallback is solved again by that: solve_batch)
     idx = np.nonzero(hit)[0]
     cfg = implicit_retry(first, dtype)
-    redo = _solve_b(kind, _take(optimizer, idx), loss_fn, _take(states, idx), jnp.asarray(ts, dtype),
-                    jnp.asarray(param_ts, dtype), _take(stop, idx), options, cfg, progress)
-    redo = to_host(tuple(redo))
+    ts_j, pts_j = jnp.asarray(ts, dtype), jnp.asarray(param_ts, dtype)
+    take, pos = aligned_rows(idx, len(hit), rows)  # each row at its place in its call
+    redo = by_blocks(lambda o, st, sp: tuple(_solve_b(kind, o, loss_fn, st, ts_j, pts_j, sp, options, cfg, progress)),
+                     _take((optimizer, states, stop), take), rows)
+    redo = jax.tree.map(lambda x: x[pos], redo)
     put = functools.partial(_put_rows, idx=idx)
     sol = tuple(jax.tree.map(put, a, b) for a, b in zip(sol, redo))
     names[idx] = f"{solver_name(cfg)} (retried: {solver_name(first)} ran out of its step budget)"
@@ -346,8 +469,10 @@ def _probe_b(optimizer, loss_fn, params, slow, v, k, method, max_iter, tol):
 
 
 def probe_batch(optimizer, loss_fn, params, slow, *, k: int = 1, method: str = "lanczos", max_iter: int = 40,
-                tol: float = 1e-3, chunk: int = 8, progress: bool = False, desc: str = "sharpness") -> ProbeArrays:
-    """Probes at the stacked states ``params``/``slow`` (leading axes (B, m)), warm-started along m.
+                tol: float = 1e-3, chunk: int = 8, progress: bool = False, desc: str = "sharpness",
+                rows: int | None = None) -> ProbeArrays:
+    """Probes at the stacked states ``params``/``slow`` (leading axes (B, m)), warm-started along m,
+    in calls of ``rows`` configurations (:func:`row_blocks`; ``None``: one call).
 
     A batch sharded over several devices is probed on one device: the partitioned probe kernel
     stalled XLA's CPU backend (2 fake CPU devices, jax 0.10.2), where the rollout and the solve
@@ -367,18 +492,25 @@ def probe_batch(optimizer, loss_fn, params, slow, *, k: int = 1, method: str = "
     flat = ravel_pytree(first)[0]
     # one start vector for every configuration: a draw per batch position would give a shard's
     # configurations other vectors than the whole sweep gives them (test_shard.py)
-    v = jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(0), flat.shape, flat.dtype), (B,) + flat.shape)
-    ev, thr, hv = [], [], []
+    v0 = jax.random.normal(jax.random.PRNGKey(0), flat.shape, flat.dtype)
     pad = -m % chunk
     padded = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:, -1:], pad, axis=1)], 1) if pad else x,
                           (params, slow))
-    with bar(m, desc, "probe", progress) as b:
-        for c in range(0, m, chunk):
-            p, s = jax.tree.map(lambda x: jnp.asarray(x[:, c:c + chunk]), padded)
-            out = _probe_b(optimizer, loss_fn, p, s, v, k, method, max_iter, tol)
-            v = out.vector
-            ev.append(np.asarray(out.eigenvalues))
-            thr.append(np.asarray(out.threshold))
-            hv.append(np.asarray(out.hvps))
-            b.update(min(chunk, m - c))
-    return ProbeArrays(np.concatenate(ev, 1)[:, :m], np.concatenate(thr, 1)[:, :m], np.concatenate(hv, 1)[:, :m])
+    blocks = row_blocks(B, rows)
+    out_blocks = []
+    with bar(m * len(blocks), desc, "probe", progress) as b:
+        for idx in blocks:
+            o = optimizer if len(idx) == B else _take_rows(optimizer, idx)  # (a block of all B rows: unpadded)
+            v = jnp.broadcast_to(v0, (len(idx),) + flat.shape)
+            ev, thr, hv = [], [], []
+            for c in range(0, m, chunk):
+                p, s = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)[idx, c:c + chunk]), padded)
+                out = _probe_b(o, loss_fn, p, s, v, k, method, max_iter, tol)
+                v = out.vector
+                ev.append(np.asarray(out.eigenvalues))
+                thr.append(np.asarray(out.threshold))
+                hv.append(np.asarray(out.hvps))
+                b.update(min(chunk, m - c))
+            out_blocks.append(tuple(np.concatenate(x, 1)[:, :m] for x in (ev, thr, hv)))
+    ev, thr, hv = (np.concatenate(x)[:B] for x in zip(*out_blocks))
+    return ProbeArrays(ev, thr, hv)

@@ -168,10 +168,10 @@ def _probe_method(num_params: int, sharpness_method: str) -> str:
 
 def discrete_evaluation(loss_fn, optimizer, params, num_steps: int, starts=(), *, probe_every: int | None = None,
                         top_k: int = 1, sharpness_method: str = "auto", param_budget: float = 2e7, progress=False,
-                        batch: int | None = None) -> DiscreteEvaluation:
+                        batch: int | None = None, rows: int | None = None) -> DiscreteEvaluation:
     """The optimizer's run over the comparison grid (each grid step and the next kept), the
     period-two windows of the flows' start steps ``starts`` kept too, and the probes at the grid's
-    probe steps."""
+    probe steps; every kernel in calls of ``rows`` configurations a device (``None``: one call)."""
     N = num_steps
     B = batch or int(jax.tree.leaves(params)[0].shape[0])
     n = _num_params(params)
@@ -181,7 +181,7 @@ def discrete_evaluation(loss_fn, optimizer, params, num_steps: int, starts=(), *
     save = np.unique(np.concatenate([grid, grid + 1, *windows]))
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    r = rollout_batch(optimizer, params, loss_fn, N, save, progress=progress,
+    r = rollout_batch(optimizer, params, loss_fn, N, save, progress=progress, rows=rows,
                       desc="discrete" if B == 1 else f"discrete ({B} configurations)")
     timings["discrete"] = time.perf_counter() - t
     pos = {int(s): j for j, s in enumerate(r.saved_steps)}
@@ -189,7 +189,7 @@ def discrete_evaluation(loss_fn, optimizer, params, num_steps: int, starts=(), *
     idx = [pos[int(k)] for k in probe_steps]
     t = time.perf_counter()
     probes = probe_batch(optimizer, loss_fn, *jax.tree.map(lambda x: x[:, idx], (phase.params, slow)), k=top_k,
-                         method=method, progress=progress, desc="discrete")
+                         method=method, progress=progress, desc="discrete", rows=rows)
     timings["discrete probes"] = time.perf_counter() - t
     return DiscreteEvaluation(N, n, every, grid, probe_steps, (top_k, method), r, probes, timings)
 
@@ -197,8 +197,11 @@ def discrete_evaluation(loss_fn, optimizer, params, num_steps: int, starts=(), *
 def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models, *, threshold_quantity: str,
              flow_options: dict | None = None, solver: dict | None = None, probe_every: int | None = None,
              top_k: int = 1, sharpness_method: str = "auto", param_budget: float = 2e7, progress=False,
-             batch: int | None = None, discrete: DiscreteEvaluation | None = None) -> Evaluation:
-    """Every model of ``models`` on the batch (``optimizer`` and ``params`` stacked, B configurations).
+             batch: int | None = None, discrete: DiscreteEvaluation | None = None,
+             rows: int | None = None) -> Evaluation:
+    """Every model of ``models`` on the batch (``optimizer`` and ``params`` stacked, B configurations),
+    each kernel in calls of ``rows`` configurations a device (:func:`~._engine.row_blocks`; ``None``:
+    one call of the whole batch).
 
     ``discrete``: the same run's :func:`discrete_evaluation` (the same loss, optimizer, initial
     parameters and settings: the caller's promise), reused where it kept the states the flows start
@@ -208,7 +211,7 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
     K, N = start_step, num_steps
     B = batch or int(jax.tree.leaves(params)[0].shape[0])
     settings = dict(probe_every=probe_every, top_k=top_k, sharpness_method=sharpness_method,
-                    param_budget=param_budget, progress=progress, batch=B)
+                    param_budget=param_budget, progress=progress, batch=B, rows=rows)
     timings: dict[str, float] = {}
     if discrete is not None:
         n = _num_params(params)
@@ -232,7 +235,8 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
 
     def probe(params_, slow_, desc):
         t = time.perf_counter()
-        out = probe_batch(optimizer, loss_fn, params_, slow_, k=top_k, method=method, progress=progress, desc=desc)
+        out = probe_batch(optimizer, loss_fn, params_, slow_, k=top_k, method=method, progress=progress, desc=desc,
+                          rows=rows)
         timings[f"{desc} probes"] = time.perf_counter() - t
         return out
 
@@ -257,7 +261,7 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
                 starts = rod_states
             fa = solve_batch(name, optimizer, loss_fn, starts, np.arange(K, N), fgrid, stop,
                              options=(flow_options or {}).get(name), config=(solver or {}).get(name),
-                             progress=B == 1 and progress is True)
+                             progress=B == 1 and progress is True, rows=rows)
             timings[name] = time.perf_counter() - t
             C = _rows(fa.centre)
             err = M.param_rel_error(C, mid[:, grid >= K], mid_K[:, None])

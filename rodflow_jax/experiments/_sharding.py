@@ -36,29 +36,34 @@ def place(x, sharding):
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
-def pad_and_shard(tree, sharding, min_rows: int = 2):
-    """Pad the leading axis to a multiple of the device count, and to at least ``min_rows`` rows a
-    device (repeating the last row), and place the array leaves (other leaves, e.g. a schedule,
-    stay as they are). Without a sharding (``None``: one device) nothing is placed.
+def pad_and_shard(tree, sharding, rows: int = 2, lead: int = 0):
+    """Pad the leading axis with ``lead`` copies of the first row in front and to a multiple of
+    ``rows`` times the device count behind (repeating the last row), and place the array leaves
+    (other leaves, e.g. a schedule, stay as they are). Without a sharding (``None``: one device)
+    nothing is placed.
 
-    Two rows at least: XLA's CPU kernels for a batch of one row round differently from those
-    for two or more, which agree bit for bit (measured on the discrete rollout: mlp-digits, and
-    an unseen SiLU network on generated circles, batches of 2 and 4). At the edge of stability
-    the difference grows: 4 configurations on 2 processes x 2 devices, one row each, ended
-    3e-10 away from the same sweep on one device (final discrete loss, 300 steps), where with
-    two rows a device they agree bit for bit. The same holds for a shard of one configuration on
-    one device: unpadded, toy GD's lone row of 3 configurations in shards of 2 and 1 ended 6e-6
+    ``lead``: a job-array shard starting at row ``first`` of the whole grid is padded in front by
+    ``first % (rows x devices)`` rows, so that each of its rows sits at the place in its call that
+    it has in the whole sweep (a row rounds differently at another place: :func:`~._engine.row_blocks`).
+
+    ``rows`` is the configurations of one call on each device (:func:`~._engine.row_blocks`: a
+    sweep's batch size), so the padded batch splits into whole calls. XLA's CPU kernels round a
+    batch of one row differently from one of two, and one of two differently from one of four; a
+    row's result does not depend on its partners. Unpadded, 4 configurations on 2 processes x 2
+    devices, one row each, ended 3e-10 away from the same sweep on one device (final discrete
+    loss, 300 steps), and toy GD's lone row of 3 configurations in shards of 2 and 1 ended 6e-6
     off in the rod's loss, with 1,077 solver steps against the whole sweep's 1,074."""
     n = 1 if sharding is None else sharding.mesh.size
     arrays = [x for x in jax.tree.leaves(tree) if hasattr(x, "shape")]
     b = arrays[0].shape[0]
-    extra = max(b + (-b % n), min_rows * n) - b
+    extra = -(b + lead) % (rows * n)
 
     def pad(x):
         if not hasattr(x, "shape"):
             return x
         x = jnp.asarray(x)
-        x = jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)]) if extra else x
+        x = jnp.concatenate([jnp.repeat(x[:1], lead, axis=0), x, jnp.repeat(x[-1:], extra, axis=0)]) \
+            if lead or extra else x
         return x if sharding is None else place(x, sharding)
 
     return jax.tree.map(pad, tree)

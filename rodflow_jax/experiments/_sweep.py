@@ -118,6 +118,7 @@ def sweep(
     progress=False,
     param_budget: float = 2e7,
     shard: tuple[int, int] | None = None,
+    batch_size: int | str = "auto",
 ) -> SweepResult:
     """Evaluate every (grid point, seed) configuration as one vmapped batch per kernel and model.
 
@@ -136,6 +137,11 @@ def sweep(
     ``shard=(i, n)`` evaluates only the i-th of n contiguous slices of the configurations (a job
     array's task; :func:`~._merge.merge_shards` joins them), with K and the probe grid resolved
     over the whole grid so that its rows are those of the whole sweep.
+
+    ``batch_size``: configurations per vmapped call on each device (``"auto"``:
+    :func:`resolve_batch_size`). Every layout of one sweep (whole, shards, a mesh of devices) computes
+    its rows in calls of this size, the last call padded, so a row's numbers do not depend on the
+    layout (:func:`~._engine.row_blocks`).
     """
     grid = dict(grid or {})
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
@@ -148,6 +154,7 @@ def sweep(
         raise InputError("at least one seed is needed")
     configs = configurations(grid, seeds)
     B_all = len(configs)
+    rows = resolve_batch_size(batch_size, B_all)
     first, stop = (0, B_all) if shard is None else shard_range(B_all, check_shard(shard))
     opts = grid_optimizers(optimizer_name, spec, [hp for hp, _ in configs], fixed, opt_args)  # validates each
     base = {k: v for k, v in describe(opts[0]).items() if k not in grid and k != "name"}
@@ -162,46 +169,68 @@ def sweep(
     params = stack_trees([by_seed[s] for _, s in configs])
     B = len(configs)
     sharding = config_sharding(devices)
-    # a shard's rows must round as in the whole sweep (two rows at least: pad_and_shard); a whole
-    # sweep of one configuration on one device stays compare's batch of one
-    min_rows = 1 if shard is None and sharding is None else 2
-    optimizer, params = pad_and_shard((optimizer, params), sharding, min_rows)
+    lead = first % (rows * (sharding.mesh.size if sharding else 1))  # a shard's rows at their places in their calls
+    optimizer, params = pad_and_shard((optimizer, params), sharding, rows, lead)
     say(progress, f"sweep: {B} configurations x {num_steps} steps, models {', '.join(models)}"
         + (f", shard {shard[0]}/{shard[1]} (configurations {first}..{stop - 1} of {B_all})" if shard else "")
         + (f", sharded over {sharding.mesh.size} devices" if sharding else ""))
     ev = evaluate(loss_fn, optimizer, params, num_steps, K, models, threshold_quantity=opts[0].threshold_quantity,
                   flow_options=flow_options, probe_every=probe_every, top_k=top_k,
                   sharpness_method=sharpness_method, param_budget=param_budget, progress=progress,
-                  batch=B_all)  # the whole grid's batch: a shard's step grid and probes are the sweep's
+                  batch=B_all, rows=rows)  # the whole grid's batch: a shard's step grid and probes are the sweep's
     records = []
     for i, (hp, seed) in enumerate(configs):
         rec = {"hyperparameters": {k: float(v) for k, v in hp.items()}, "seed": seed,
                "optimizer": describe(opts[i]), "models": models}
-        records.append({**rec, **run_record(ev, i, models)})
-    arrays = {"discrete_loss": ev.loss[:B], "probe_steps": ev.probe_steps,
-              "discrete_sharpness": ev.probes.eigenvalues[:B, :, 0], "discrete_threshold": ev.probes.threshold[:B]}
+        records.append({**rec, **run_record(ev, lead + i, models)})
+    mine = slice(lead, lead + B)  # this batch's configurations (the padding dropped)
+    arrays = {"discrete_loss": ev.loss[mine], "probe_steps": ev.probe_steps,
+              "discrete_sharpness": ev.probes.eigenvalues[mine, :, 0], "discrete_threshold": ev.probes.threshold[mine]}
     # a flow is NaN where it did not start (its run diverged by K + 1), also when no configuration
     # of this batch started it: a row is the same alone, in a shard or in the sweep
-    started = flows_start(ev.diverged_at, K)[:B, None]
+    started = flows_start(ev.diverged_at, K)[mine, None]
     for name in models:
         if name != "discrete":
             f = ev.flows.get(name)
-            loss = f.arrays.loss[:B] if f else np.full((B, num_steps - K), np.nan, ev.loss.dtype)
+            loss = f.arrays.loss[mine] if f else np.full((B, num_steps - K), np.nan, ev.loss.dtype)
             arrays[f"{name}_loss"] = np.where(started, loss, np.nan)
     info = {"problem": spec.label, "optimizer": label, "num_steps": num_steps, "start_step": K,
             "seeds": seeds, "grid": {k: list(map(float, v)) for k, v in grid.items()}, "fixed": base,
             "models": models, "probe_every": int(ev.probe_steps[1] - ev.probe_steps[0]) if len(ev.probe_steps) > 1
-            else None, "num_configurations": B, "devices": sharding.mesh.size if sharding else 1}
+            else None, "num_configurations": B, "devices": sharding.mesh.size if sharding else 1, "batch_size": rows}
     if jax.process_count() > 1:
         info["processes"] = jax.process_count()
     if shard is not None:
         info["shard"] = {"index": int(shard[0]), "count": int(shard[1]), "configurations": [first, stop]}
     info["fingerprint"] = fingerprint({  # everything the shards of one sweep must share
         **{k: info[k] for k in ("problem", "optimizer", "num_steps", "start_step", "seeds", "grid", "fixed",
-                                "models", "probe_every")},
+                                "models", "probe_every", "batch_size")},
         "dtype": str(dtype), "every": ev.every, "top_k": top_k, "sharpness_method": sharpness_method,
         "flow_options": {m: (flow_options or {}).get(m) for m in models if (flow_options or {}).get(m)}})
     return SweepResult(records, arrays, info, ev.timings)
+
+
+def resolve_batch_size(batch_size: int | str, num_configurations: int) -> int:
+    """Configurations per vmapped call on each device: ``"auto"`` is 2 on a CPU and 128 on an
+    accelerator, never more than the sweep's configurations (so a sweep of one is ``compare``'s
+    batch of one).
+
+    Why 2 on a CPU: the calls of a batch run while their slowest row does, so small calls waste
+    less on configurations of very different solver step counts, and a CPU gains little from
+    wide batches. Not 1: XLA's CPU kernels round a batch of one row differently from two or
+    more, so a sweep of two configurations would not be two ``compare`` runs anyway, and pairs
+    keep the vmapped kernels' small gains. On an accelerator wide calls are what it is for; lower
+    it when the batch does not fit in memory."""
+    if batch_size == "auto" or batch_size is None:
+        rows = 2 if jax.default_backend() == "cpu" else 128
+    else:
+        try:
+            rows = int(batch_size)
+        except (TypeError, ValueError):
+            raise InputError(f"batch size must be a positive integer or 'auto', got {batch_size!r}") from None
+        if rows < 1 or rows != float(batch_size):
+            raise InputError(f"batch size must be a positive integer or 'auto', got {batch_size!r}")
+    return max(1, min(rows, num_configurations))
 
 
 def values_from_range(text: str, flag: str = "value") -> list[float]:
