@@ -100,8 +100,9 @@ def sweep_section(problem: str, lrs: int, seeds: int, steps: int, loop_configs: 
     grid = grid_for(prob, lrs)
     seed_list = list(range(seeds))
     models = ["discrete", "rod"]
-    kw = dict(models=models, devices="all")
     B = lrs * seeds
+    # one vmapped call a device (the sweep's default on an accelerator is calls of 128)
+    kw = dict(models=models, devices="all", batch_size=-(-B // jax.device_count()))
     calls = []
     for _ in range(2):
         with scaling.Peak() as pk:
