@@ -26,7 +26,7 @@ from .._errors import InputError
 SHARED_ARRAYS = ("probe_steps",)  # the same in every shard; every other array has a row per configuration
 # the sweep_info.json entries the fingerprint covers, named in a mismatch message
 FINGERPRINTED = ("problem", "optimizer", "grid", "seeds", "num_steps", "start_step", "models", "fixed",
-                 "probe_every", "float64")
+                 "probe_every", "float64", "batch_size")
 
 
 def parse_shard(text: str, flag: str = "--shard") -> tuple[int, int]:

@@ -171,6 +171,8 @@ def test_merge_refusals_write_nothing(whole, shards, tmp_path):
     _refused([two[0], three[1]], out, "different numbers of shards")
     other = _sweep((1, 2), grid={"learning_rate": [0.3, 0.4, 0.6]}).save(tmp_path / "other")
     _refused([two[0], other], out, "shards of different sweeps .*differ in grid")
+    wide = _sweep((1, 2), batch_size=4).save(tmp_path / "wide")  # rows rounded in calls of another size
+    _refused([two[0], wide], out, "shards of different sweeps .*differ in batch_size")
     # an edited shard entry: overlapping slices
     bad = tmp_path / "bad"
     bad.mkdir()
