@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--devices", default="none", choices=("none", "all"), help="all: shard configurations over devices")
     s.add_argument("--out", default=None, help="output folder (default runs/sweep-PROBLEM-OPTIMIZER)")
     s.add_argument("--batch-size", default="auto", metavar="B",
-                   help="configurations per vmapped call on each device ('auto': 2 on a CPU, 128 on an accelerator); "
+                   help="configurations per vmapped call on each device ('auto': 8 on a CPU, 128 on an accelerator); "
                    "every layout of a sweep (whole, --shard, --devices) computes its rows in calls of this size, "
                    "so they agree bit for bit on one kind of device; lower it when a call does not fit in memory")
     s.add_argument("--shard", default=None, metavar="I/N",

@@ -4,8 +4,10 @@ The configuration axis is the cartesian product of the hyperparameter grid and t
 optimizers of all configurations are stacked into one optimizer whose hyperparameter leaves
 have a leading batch axis (hyperparameters are array leaves, so an optimizer is vmappable), the
 initial parameters of all seeds likewise, and the batch goes through the same
-:func:`~._evaluate.evaluate` as ``compare``: one jitted, vmapped call per kernel and model. So
-each row of ``sweep.json`` is exactly the record ``compare`` writes for that configuration. A
+:func:`~._evaluate.evaluate` as ``compare``: jitted, vmapped calls of ``batch_size``
+configurations per kernel and model, each configuration at the same place of its call in every
+layout. So each row of ``sweep.json`` is the record ``compare`` writes for that configuration
+(exactly so for a sweep of one). A
 configuration whose discrete run diverges is frozen at that step, and its flows stop there; it
 never spreads NaNs into the others.
 
@@ -211,18 +213,18 @@ def sweep(
 
 
 def resolve_batch_size(batch_size: int | str, num_configurations: int) -> int:
-    """Configurations per vmapped call on each device: ``"auto"`` is 2 on a CPU and 128 on an
+    """Configurations per vmapped call on each device: ``"auto"`` is 8 on a CPU and 128 on an
     accelerator, never more than the sweep's configurations (so a sweep of one is ``compare``'s
     batch of one).
 
-    Why 2 on a CPU: the calls of a batch run while their slowest row does, so small calls waste
-    less on configurations of very different solver step counts, and a CPU gains little from
-    wide batches. Not 1: XLA's CPU kernels round a batch of one row differently from two or
-    more, so a sweep of two configurations would not be two ``compare`` runs anyway, and pairs
-    keep the vmapped kernels' small gains. On an accelerator wide calls are what it is for; lower
-    it when the batch does not fit in memory."""
+    Why 8 on a CPU (``benchmarks/sweep_layouts.py``, mlp-digits GD, 16 configurations x 300
+    steps, discrete + stable + rod, 2 cores): calls of 2, 4, 8 and 16 rows took 86, 67, 64 and
+    60 s. Wider calls gain little more on a CPU, a call runs until its slowest row finishes, and
+    a job-array shard is padded to whole calls, so a fixed size small enough for shards of a
+    few configurations is kept. On an accelerator wide calls are what it is for; lower it when
+    a call does not fit in memory."""
     if batch_size == "auto" or batch_size is None:
-        rows = 2 if jax.default_backend() == "cpu" else 128
+        rows = 8 if jax.default_backend() == "cpu" else 128
     else:
         try:
             rows = int(batch_size)

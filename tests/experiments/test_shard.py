@@ -342,7 +342,7 @@ def test_batch_size_is_resolved_and_checked():
     from rodflow_jax.experiments._sweep import resolve_batch_size
 
     assert resolve_batch_size("auto", 1) == 1  # a sweep of one is compare's batch of one
-    assert resolve_batch_size("auto", 7) == 2  # on a CPU
+    assert resolve_batch_size("auto", 20) == 8 and resolve_batch_size("auto", 5) == 5  # on a CPU
     assert resolve_batch_size("3", 7) == 3 and resolve_batch_size(16, 7) == 7
     for bad in ("0", "-2", "1.5", "two"):
         with pytest.raises(InputError, match="batch size must be a positive integer"):
