@@ -95,8 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="output folder (default runs/sweep-PROBLEM-OPTIMIZER)")
     s.add_argument("--batch-size", default="auto", metavar="B",
                    help="configurations per vmapped call on each device ('auto': 8 on a CPU, 128 on an accelerator); "
-                   "every layout of a sweep (whole, --shard, --devices) computes its rows in calls of this size, "
-                   "so they agree bit for bit on one kind of device; lower it when a call does not fit in memory")
+                   "each row at the same place of a call of this size in every layout, so the whole sweep and its "
+                   "--shard slices agree bit for bit; lower it when a call does not fit in memory")
     s.add_argument("--shard", default=None, metavar="I/N",
                    help="run only slice I (0-based) of N of the configurations (a job array task; "
                    "join the N folders with rodflow merge)")

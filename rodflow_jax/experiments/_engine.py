@@ -131,10 +131,14 @@ def map_rows(f, batched: tuple, shared: tuple = (), mesh: jax.sharding.Mesh | No
     """``f(*row, *shared)`` for every row of ``batched`` (leading axis B), one ``eqx.filter_vmap``.
 
     On a ``mesh`` (the configuration axis sharded over it) each device maps its own rows under
-    ``shard_map``, so its program is the one a single device runs on that many rows. Left to
-    GSPMD's partitioner the program rounds differently: 4 configurations of a stiff stable flow
-    (an unseen tanh network on sklearn's diabetes data, RMSProp, 300 steps) on 2 devices x 2
-    rows ended 1e-16 away from calls of 2 rows on one device, one of them a solver step apart."""
+    ``shard_map``, so its program is the one a single device runs on that many rows, and no
+    device waits for another. Left to GSPMD's partitioner, the vmapped solvers' while loops
+    (whose predicate is an all-reduce over the configurations) synchronised the devices every
+    iteration: the stiff stable flows of 4 configurations (an unseen tanh network on sklearn's
+    diabetes data, RMSProp, 300 steps) took 82.7 s on 2 fake CPU devices, 23.5 s under
+    ``shard_map`` and 49.7 s on one device. Both give the same numbers, which are 1e-16 off one
+    device's (one configuration a solver step apart): running on two devices at once rounds
+    differently, while a one-device mesh on either device equals the plain run bit for bit."""
     g = eqx.filter_vmap(lambda b, s: f(*b, *s), in_axes=(0, None))
     if mesh is None:
         return g(batched, shared)
