@@ -93,6 +93,12 @@ SHARDED = textwrap.dedent(
         np.testing.assert_allclose(a.arrays[k], b.arrays[k], rtol=1e-10, atol=1e-14)
     assert a.info["devices"] == 2 and len(a.records) == 3
     for ra, rb in zip(a.records, b.records):
+        # two devices running at once round 1e-16 apart from one device (README, "Many devices"):
+        # the values agree to 1e-9, an adaptive solver may take one step more or fewer
+        for m in ("rod",):
+            for key in ("solver_steps", "rejected_steps"):
+                x, y = ra[m].pop(key), rb[m].pop(key)
+                assert abs(x - y) <= 1, (m, key, x, y)
         assert_records_close(ra, rb, rtol=1e-9)
     print("SHARDED_OK")
     """
