@@ -53,10 +53,6 @@ def placed_like(tree, ref):
     return jax.tree.map(lambda x: place(x, sharding), tree)
 
 
-def _sharded(tree) -> bool:
-    return _sharding_of(tree) is not None
-
-
 def _sharding_of(tree) -> jax.sharding.NamedSharding | None:
     arrays = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
     sharding = arrays[0].sharding if arrays else None
@@ -96,13 +92,16 @@ def aligned_rows(idx, n: int, rows: int | None):
 
 
 def _take_rows(tree, idx, sharding=None):
-    """Rows ``idx`` of every batched array of ``tree``, placed on ``sharding`` (``None``: as they are)."""
+    """Rows ``idx`` of every batched array of ``tree``, placed on ``sharding`` (``None``: on one
+    device, gathered there when the batch is sharded, as the retries and the probes want it)."""
     def one(x):
         if not eqx.is_array(x):
             return x
-        if sharding is not None:
-            return place(to_host(x)[idx], sharding)
-        return x[jnp.asarray(idx)] if isinstance(x, jax.Array) else jnp.asarray(np.asarray(x)[idx])
+        if isinstance(x, jax.Array) and len(x.sharding.device_set) == 1:
+            part = x[jnp.asarray(idx)]
+        else:  # host data, or a sharded batch (gathered across processes under jax.distributed)
+            part = jnp.asarray(to_host(x)[idx])
+        return part if sharding is None else place(part, sharding)
 
     return jax.tree.map(one, tree)
 
@@ -115,16 +114,24 @@ def _block_size(rows: int | None, sharding) -> int | None:
     return None if rows is None else rows * (sharding.mesh.size if sharding is not None else 1)
 
 
-def by_blocks(call, batched: tuple, rows: int | None):
-    """``call(*batched)`` in blocks of ``rows`` rows a device (:func:`row_blocks`; ``None``: one
-    call), each output gathered to the host and the blocks joined, padding dropped."""
-    sharding = _sharding_of(batched)
-    n = _batch_size(batched)
+def _calls(batched, rows: int | None, sharding=None, n: int | None = None) -> list[tuple[np.ndarray, Any]]:
+    """``(idx, part)`` for each kernel call over the ``n`` rows of ``batched`` (default: its
+    leading axis): the call's rows (:func:`row_blocks` of ``rows`` a device) and ``batched``
+    restricted to them, placed on ``sharding``. A single call of every row unpadded is
+    ``batched`` itself, with no copy."""
+    n = _batch_size(batched) if n is None else n
     blocks = row_blocks(n, _block_size(rows, sharding))
     if len(blocks) == 1 and len(blocks[0]) == n:
-        return to_host(call(*batched))
-    outs = [to_host(call(*_take_rows(batched, idx, sharding))) for idx in blocks]
-    return jax.tree.map(lambda *x: np.concatenate(x)[:n], *outs)
+        return [(blocks[0], batched)]
+    return [(idx, _take_rows(batched, idx, sharding)) for idx in blocks]
+
+
+def by_blocks(call, batched: tuple, rows: int | None):
+    """``call(*batched)`` in blocks of ``rows`` rows a device (:func:`row_blocks`; ``None``: one
+    call), all dispatched before any is gathered to the host; the blocks joined, padding dropped."""
+    n = _batch_size(batched)
+    outs = [call(*part) for _, part in _calls(batched, rows, _sharding_of(batched))]
+    return jax.tree.map(lambda *x: np.concatenate(x)[:n], *[to_host(o) for o in outs])
 
 
 def map_rows(f, batched: tuple, shared: tuple = (), mesh: jax.sharding.Mesh | None = None):
@@ -193,12 +200,11 @@ def rollout_batch(optimizer, params, loss_fn, num_steps: int, save_steps=None, *
     save_steps = save_steps[(save_steps >= 0) & (save_steps < total)]
     sharding = _sharding_of((optimizer, params))
     B = _batch_size((optimizer, params))
-    blocks = row_blocks(B, _block_size(rows, sharding))
-    whole = len(blocks) == 1 and len(blocks[0]) == B
-    opts = [optimizer if whole else _take_rows(optimizer, idx, sharding) for idx in blocks]
     mesh = None if sharding is None else sharding.mesh
-    carries = [_init_b(o, loss_fn, params if whole else _take_rows(params, idx, sharding), mesh)
-               for o, idx in zip(opts, blocks)]
+    opts, carries = [], []
+    for _, (o, p) in _calls((optimizer, params), rows, sharding):
+        opts.append(o)
+        carries.append(_init_b(o, loss_fn, p, mesh))
     n_chunks = -(-total // chunk_size)
     losses, halves, amps, kept = [], [], [], []
     n = jnp.asarray(num_steps)
@@ -209,11 +215,12 @@ def rollout_batch(optimizer, params, loss_fn, num_steps: int, save_steps=None, *
             mask = np.isin(steps, save_steps)
             valid = steps < total
             idx = np.nonzero(mask & valid)[0]
-            parts = []
-            for j, o in enumerate(opts):
+            outs = []
+            for j, o in enumerate(opts):  # every call dispatched before any is gathered
                 carries[j], out = _chunk_b(o, loss_fn, carries[j], jnp.asarray(steps), n, jnp.asarray(mask), mesh)
-                # gathered under jax.distributed; across processes only the kept steps travel
-                parts.append((to_host((out.loss, out.half, out.amplitude)), to_host(out.saved, take=idx)))
+                outs.append(out)
+            # gathered under jax.distributed; across processes only the kept steps travel
+            parts = [(to_host((out.loss, out.half, out.amplitude)), to_host(out.saved, take=idx)) for out in outs]
             (loss, half, amp), saved = jax.tree.map(lambda *x: join(x), *parts)
             losses.append(loss[:, valid])
             halves.append(half[:, valid])
@@ -287,7 +294,7 @@ def _fall_back(kind, fallback, arrays, optimizer, loss_fn, states, ts, param_ts,
     if not len(idx):
         return arrays
     take, pos = aligned_rows(idx, len(arrays.result), rows)
-    sub = solve_batch(fallback, _take(optimizer, take), loss_fn, _take(states, take), ts, param_ts,
+    sub = solve_batch(fallback, _take_rows(optimizer, take), loss_fn, _take_rows(states, take), ts, param_ts,
                       np.asarray(stop_at)[take], options=flow_kind(fallback).own_options(options), progress=progress,
                       rows=rows)
     sub = FlowArrays(*(jax.tree.map(lambda x: np.asarray(x)[pos], part) for part in sub))
@@ -310,11 +317,6 @@ def _put_rows(full, part, idx):
     full = np.array(full, copy=True)
     full[idx] = part
     return full
-
-
-def _take(tree, idx):
-    """Rows ``idx`` of every batched array in ``tree`` (gathered to one device when sharded)."""
-    return jax.tree.map(lambda x: jnp.asarray(to_host(x)[idx]) if eqx.is_array(x) else x, tree)
 
 
 def _solve_rows(kind, optimizer, loss_fn, states, ts, param_ts, stop_at, options, config, progress,
@@ -438,7 +440,7 @@ def _retry_budget_hits(kind, shape, optimizer, loss_fn, states, stop, ts, param_
     ts_j, pts_j = jnp.asarray(ts, dtype), jnp.asarray(param_ts, dtype)
     take, pos = aligned_rows(idx, len(hit), rows)  # each row at its place in its call
     redo = by_blocks(lambda o, st, sp: tuple(_solve_b(kind, o, loss_fn, st, ts_j, pts_j, sp, options, cfg, progress)),
-                     _take((optimizer, states, stop), take), rows)
+                     _take_rows((optimizer, states, stop), take), rows)
     redo = jax.tree.map(lambda x: x[pos], redo)
     put = functools.partial(_put_rows, idx=idx)
     sol = tuple(jax.tree.map(put, a, b) for a, b in zip(sol, redo))
@@ -483,7 +485,7 @@ def probe_batch(optimizer, loss_fn, params, slow, *, k: int = 1, method: str = "
     run partitioned fine. Probes are a small share of a sweep's time (README). Under
     ``jax.distributed`` every process gathers the optimizer and probes the whole batch on its own
     first device (the states arrive gathered already), so all processes hold the same probes."""
-    if _sharded(optimizer):
+    if _sharding_of(optimizer) is not None:
         dev = jax.local_devices()[0]
         optimizer = jax.tree.map(
             lambda x: jax.device_put(x if x.is_fully_addressable else to_host(x), dev) if isinstance(x, jax.Array)
@@ -500,11 +502,10 @@ def probe_batch(optimizer, loss_fn, params, slow, *, k: int = 1, method: str = "
     pad = -m % chunk
     padded = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:, -1:], pad, axis=1)], 1) if pad else x,
                           (params, slow))
-    blocks = row_blocks(B, rows)
+    calls = _calls(optimizer, rows, n=B)
     out_blocks = []
-    with bar(m * len(blocks), desc, "probe", progress) as b:
-        for idx in blocks:
-            o = optimizer if len(idx) == B else _take_rows(optimizer, idx)  # (a block of all B rows: unpadded)
+    with bar(m * len(calls), desc, "probe", progress) as b:
+        for idx, o in calls:
             v = jnp.broadcast_to(v0, (len(idx),) + flat.shape)
             ev, thr, hv = [], [], []
             for c in range(0, m, chunk):
