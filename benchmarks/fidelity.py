@@ -2,9 +2,11 @@
 
 For every cell (problem x optimizer, at the problem's default hyperparameters, where the
 discrete run is at the edge of stability for most of its steps) the flows are started twice
-from the discrete state: at the default start step K (``rf.default_start_step``: 0 for GD and
-the RMSProps, ``ceil(10/(1-beta))`` past the momentum/bias-correction transient otherwise) and
-shortly before the edge (``K = onset - pre``). The flow recipe is the same in every cell.
+from the discrete state: at the default start step K (``start_step="auto"``, what ``rodflow
+compare`` does: ``rf.default_start_step``, 0 for GD and the RMSProps, ``ceil(10/(1-beta))``
+past the momentum/bias-correction transient otherwise, or later where a run that starts far
+past its edge ends its initial transient) and shortly before the edge (``K = onset - pre``).
+The flow recipe is the same in every cell.
 
     python benchmarks/fidelity.py --out benchmarks/results/fidelity.json        # full grid
     python benchmarks/fidelity.py --quick --out /tmp/fidelity_quick.json         # CI size
@@ -249,7 +251,7 @@ def derivative_options(models, optimizer, derivative):
 
 def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "pre_edge"),
              models=("discrete", "stable", "rod"), progress=False, probe_every=None, derivative=None):
-    """Rows for one cell, one per start: ``default`` (``rf.default_start_step``) and
+    """Rows for one cell, one per start: ``default`` (``start_step="auto"``) and
     ``pre_edge`` (``PRE_EDGE * steps`` before the discrete onset; skipped where it would not
     come after the default start). ``derivative``: how the second-order rods evaluate their
     correction (``rodflow_jax.flows._second_order.DERIVATIVES``; recorded on the rows when
@@ -261,11 +263,11 @@ def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "p
     steps = steps or problem.default_steps
     kw = dict(probe_every=probe_every or max(1, steps // 50), progress=progress,
               flow_options=derivative_options(models, opt, derivative))
-    K0 = rf.default_start_step(opt)
     cmps, walls = {}, {}
     t = time.perf_counter()
-    first = rf.compare(loss_fn, params0, opt, steps, start_step=K0, models=models if "default" in starts else ["discrete"],
-                       keep_discrete=True, **kw)
+    first = rf.compare(loss_fn, params0, opt, steps, start_step="auto",
+                       models=models if "default" in starts else ["discrete"], keep_discrete=True, **kw)
+    K0 = first.metrics["start_step"]
     if "default" in starts:
         cmps["default"], walls["default"] = first, time.perf_counter() - t
     onset = first.metrics["eos_onset_step"]

@@ -183,7 +183,7 @@ def compare(
     ev = evaluate(loss_fn, opt, params, num_steps, K, models, threshold_quantity=optimizer.threshold_quantity,
                   flow_options=flow_options, solver=solver, probe_every=probe_every, top_k=top_k,
                   sharpness_method=sharpness_method, param_budget=param_budget, progress=progress, batch=1,
-                  discrete=discrete)
+                  discrete=discrete, after_transient=start_step == "auto")
     metrics = {"optimizer": describe(optimizer), "models": models, **run_record(ev, 0, models)}
     if not keep_discrete:
         return Comparison(metrics, trajectories(ev, 0), ev.timings)

@@ -249,35 +249,66 @@ class FlowArrays(NamedTuple):
 
 
 @eqx.filter_jit
-def _solve_b(kind, optimizer, loss_fn, states, ts, param_ts, stop_at, options, config, progress, mesh=None):
-    def one(opt, st, stop, ts_, pts_):
+def _solve_b(kind, optimizer, loss_fn, states, ts, param_ts, stop_at, start, options, config, progress, mesh=None):
+    def one(opt, st, stop, t0, ts_, pts_):
         flow, y0 = flow_kind(kind).start(opt, loss_fn, *st, **options)
         cfg = config if config is not None else default_solver(flow, ts_.dtype)
-        return solve(flow, y0, ts_, pts_, cfg, stop_at=stop, progress=progress)
+        # a row that starts later than the batch (its own start step): its saves before then
+        # repeat its start (blanked by solve_batch); the solve itself runs from t0
+        return solve(flow, y0, jnp.maximum(ts_, t0), jnp.maximum(pts_, t0), cfg, stop_at=stop, progress=progress)
 
-    return map_rows(one, (optimizer, states, stop_at), (ts, param_ts), mesh)
+    return map_rows(one, (optimizer, states, stop_at, start), (ts, param_ts), mesh)
 
 
 def solve_batch(kind: str, optimizer, loss_fn, states, ts, param_ts, stop_at, *, options=None,
-                config: SolverConfig | None = None, progress: bool = False, rows: int | None = None) -> FlowArrays:
+                config: SolverConfig | None = None, progress: bool = False, rows: int | None = None,
+                starts=None) -> FlowArrays:
     """The ``kind`` flow of every configuration from its ``states = (z0, s0, z1, s1)`` (stacked),
     over ``ts`` (integer steps), stopped at ``stop_at`` (B,) (``inf``: never), in calls of ``rows``
     configurations a device (:func:`row_blocks`; ``None``: one call), retries included.
+
+    ``starts`` (B,): each row's own start step (``None``: ``ts[0]`` for all), at or after
+    ``ts[0]``; a row's saves before its start are NaN (it had not started). The rows stay in
+    one call, each at its place.
 
     With the default solver, a configuration whose flow runs out of its step budget is solved
     again: by the kind's :attr:`~rodflow_jax.flows.FlowKind.fallback` where it has one (a
     second-order rod outside the range its correction is valid in, :func:`_fall_back`), else by
     the matrix-free implicit solver (:func:`_retry_budget_hits`)."""
     kind = resolve(kind, optimizer)  # "rod": the construction this batch runs, decided on concrete values
-    arrays = _solve_rows(kind, optimizer, loss_fn, states, ts, param_ts, stop_at, options, config, progress, rows)
+    starts = np.full(len(np.asarray(stop_at)), np.asarray(ts)[0]) if starts is None else np.asarray(starts)
+    arrays = _solve_rows(kind, optimizer, loss_fn, states, ts, param_ts, stop_at, starts, options, config, progress,
+                         rows)
     fallback = flow_kind(kind).fallback
     if config is None and fallback is not None:
-        arrays = _fall_back(kind, fallback, arrays, optimizer, loss_fn, states, ts, param_ts, stop_at, options,
+        arrays = _fall_back(kind, fallback, arrays, optimizer, loss_fn, states, ts, param_ts, stop_at, starts, options,
                             progress, rows)
-    return arrays
+    return _before_start_blank(arrays, ts, param_ts, starts)
 
 
-def _fall_back(kind, fallback, arrays, optimizer, loss_fn, states, ts, param_ts, stop_at, options, progress, rows):
+def _before_start_blank(arrays: FlowArrays, ts, param_ts, starts) -> FlowArrays:
+    """``arrays`` with each row's saves before its start step NaN."""
+    before = np.asarray(ts)[None, :] < starts[:, None]
+    if not before.any():
+        return arrays
+    pbefore = np.asarray(param_ts)[None, :] < starts[:, None]
+
+    def blank(x, mask):  # (B, T, ...) over (B, T); integer leaves (a step count) are left as they are
+        x = np.asarray(x)
+        if not np.issubdtype(x.dtype, np.floating):
+            return x
+        x = x.copy()
+        x[mask] = np.nan
+        return x
+
+    return arrays._replace(loss=blank(arrays.loss, before), half_norm=blank(arrays.half_norm, before),
+                           centre=jax.tree.map(lambda x: blank(x, pbefore), arrays.centre),
+                           slow=jax.tree.map(lambda x: blank(x, pbefore), arrays.slow),
+                           variance=blank(arrays.variance, pbefore))
+
+
+def _fall_back(kind, fallback, arrays, optimizer, loss_fn, states, ts, param_ts, stop_at, starts, options, progress,
+               rows):
     """``arrays`` with the rows whose ``kind`` solve ran out of its step budget replaced by
     ``fallback``'s solve (with the options it takes), each such row saying so in its note and
     naming ``fallback`` as its construction.
@@ -296,7 +327,7 @@ def _fall_back(kind, fallback, arrays, optimizer, loss_fn, states, ts, param_ts,
     take, pos = aligned_rows(idx, len(arrays.result), rows)
     sub = solve_batch(fallback, _take_rows(optimizer, take), loss_fn, _take_rows(states, take), ts, param_ts,
                       np.asarray(stop_at)[take], options=flow_kind(fallback).own_options(options), progress=progress,
-                      rows=rows)
+                      rows=rows, starts=starts[take])
     sub = FlowArrays(*(jax.tree.map(lambda x: np.asarray(x)[pos], part) for part in sub))
     steps = np.asarray(ts)
     # the first step it did not reach (a solve that stalls at once saves not even its start: step K + 1)
@@ -319,7 +350,7 @@ def _put_rows(full, part, idx):
     return full
 
 
-def _solve_rows(kind, optimizer, loss_fn, states, ts, param_ts, stop_at, options, config, progress,
+def _solve_rows(kind, optimizer, loss_fn, states, ts, param_ts, stop_at, starts, options, config, progress,
                 rows) -> FlowArrays:
     """:func:`solve_batch` without the fallback: one batched solve, budget hits retried implicitly."""
     dtype = jax.tree.leaves(states[0])[0].dtype
@@ -327,13 +358,14 @@ def _solve_rows(kind, optimizer, loss_fn, states, ts, param_ts, stop_at, options
     # save times padded (repeating the end) to a bucket of sizes, so runs of nearby lengths share
     # one compilation; the padding is sliced off again
     ts_p, pts_p = _pad(np.asarray(ts), _bucket(n)), _pad(np.asarray(param_ts), _bucket(m))
-    states, stop = placed_like((states, np.asarray(stop_at, dtype)), optimizer)
+    states, stop, start = placed_like((states, np.asarray(stop_at, dtype), np.asarray(starts, dtype)), optimizer)
     ts_j, pts_j = jnp.asarray(ts_p, dtype), jnp.asarray(pts_p, dtype)
-    sol = by_blocks(lambda o, st, sp: tuple(_solve_b(kind, o, loss_fn, st, ts_j, pts_j, sp, dict(options or {}),
-                                                     config, progress, _mesh_of(o))), (optimizer, states, stop), rows)
+    sol = by_blocks(lambda o, st, sp, s0: tuple(_solve_b(kind, o, loss_fn, st, ts_j, pts_j, sp, s0, dict(options or {}),
+                                                         config, progress, _mesh_of(o))),
+                    (optimizer, states, stop, start), rows)
     shape = _flow_shape(kind, optimizer, loss_fn, states, dict(options or {}))
     if config is None:
-        sol, names = _retry_budget_hits(kind, shape, optimizer, loss_fn, states, stop, ts_p, pts_p,
+        sol, names = _retry_budget_hits(kind, shape, optimizer, loss_fn, states, stop, start, ts_p, pts_p,
                                         dict(options or {}), sol, dtype, progress, rows)
     else:
         names = np.full(len(sol[5]), solver_name(config), dtype=object)
@@ -422,8 +454,8 @@ def _flow_shape(kind, optimizer, loss_fn, states, options):
 _BUDGET_HIT = int(diffrax.RESULTS.max_steps_reached._value)
 
 
-def _retry_budget_hits(kind, shape, optimizer, loss_fn, states, stop, ts, param_ts, options, sol, dtype, progress,
-                       rows):
+def _retry_budget_hits(kind, shape, optimizer, loss_fn, states, stop, start, ts, param_ts, options, sol, dtype,
+                       progress, rows):
     """The configurations whose default *explicit* solve ran out of its step budget, solved again
     with the matrix-free implicit solver (:func:`~rodflow_jax._integrate.implicit_retry`), their rows
     replaced: the rest keep the explicit solution. Returns the rows and each row's solver name.
@@ -439,8 +471,9 @@ def _retry_budget_hits(kind, shape, optimizer, loss_fn, states, stop, ts, param_
     cfg = implicit_retry(first, dtype)
     ts_j, pts_j = jnp.asarray(ts, dtype), jnp.asarray(param_ts, dtype)
     take, pos = aligned_rows(idx, len(hit), rows)  # each row at its place in its call
-    redo = by_blocks(lambda o, st, sp: tuple(_solve_b(kind, o, loss_fn, st, ts_j, pts_j, sp, options, cfg, progress)),
-                     _take_rows((optimizer, states, stop), take), rows)
+    redo = by_blocks(lambda o, st, sp, s0: tuple(_solve_b(kind, o, loss_fn, st, ts_j, pts_j, sp, s0, options, cfg,
+                                                          progress)),
+                     _take_rows((optimizer, states, stop, start), take), rows)
     redo = jax.tree.map(lambda x: x[pos], redo)
     put = functools.partial(_put_rows, idx=idx)
     sol = tuple(jax.tree.map(put, a, b) for a, b in zip(sol, redo))

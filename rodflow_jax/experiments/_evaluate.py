@@ -80,11 +80,12 @@ class Evaluation:
     """The flows from ``start_step`` and the discrete half they were compared with (whose run,
     grid and probes the properties below read)."""
 
-    start_step: int
+    start_step: int  # the batch's first start step: where the flows' arrays begin
     threshold_quantity: str
     discrete: DiscreteEvaluation
     flows: dict[str, FlowResult]
     timings: dict[str, float]
+    starts: np.ndarray  # (B,) each configuration's own start step (>= start_step: after_transient)
 
     num_steps = property(lambda self: self.discrete.num_steps)
     num_params = property(lambda self: self.discrete.num_params)
@@ -116,7 +117,7 @@ class Evaluation:
 
     def started(self, i: int) -> bool:
         """Whether configuration ``i``'s flows started (:func:`flows_start`)."""
-        return bool(flows_start(self.diverged_at[i], self.start_step))
+        return bool(flows_start(self.diverged_at[i], self.starts[i]))
 
     def onset(self, i: int) -> int | None:
         return M.eos_onset_step(self.probe_steps, self.ratio(i))
@@ -168,10 +169,12 @@ def _probe_method(num_params: int, sharpness_method: str) -> str:
 
 def discrete_evaluation(loss_fn, optimizer, params, num_steps: int, starts=(), *, probe_every: int | None = None,
                         top_k: int = 1, sharpness_method: str = "auto", param_budget: float = 2e7, progress=False,
-                        batch: int | None = None, rows: int | None = None) -> DiscreteEvaluation:
+                        batch: int | None = None, rows: int | None = None,
+                        probes: ProbeArrays | None = None) -> DiscreteEvaluation:
     """The optimizer's run over the comparison grid (each grid step and the next kept), the
     period-two windows of the flows' start steps ``starts`` kept too, and the probes at the grid's
-    probe steps; every kernel in calls of ``rows`` configurations a device (``None``: one call)."""
+    probe steps; every kernel in calls of ``rows`` configurations a device (``None``: one call).
+    ``probes``: this run's probes, made before (the run is redone only to keep more states)."""
     N = num_steps
     B = batch or int(jax.tree.leaves(params)[0].shape[0])
     n = _num_params(params)
@@ -187,10 +190,11 @@ def discrete_evaluation(loss_fn, optimizer, params, num_steps: int, starts=(), *
     pos = {int(s): j for j, s in enumerate(r.saved_steps)}
     phase, slow = r.saved
     idx = [pos[int(k)] for k in probe_steps]
-    t = time.perf_counter()
-    probes = probe_batch(optimizer, loss_fn, *jax.tree.map(lambda x: x[:, idx], (phase.params, slow)), k=top_k,
-                         method=method, progress=progress, desc="discrete", rows=rows)
-    timings["discrete probes"] = time.perf_counter() - t
+    if probes is None:
+        t = time.perf_counter()
+        probes = probe_batch(optimizer, loss_fn, *jax.tree.map(lambda x: x[:, idx], (phase.params, slow)), k=top_k,
+                             method=method, progress=progress, desc="discrete", rows=rows)
+        timings["discrete probes"] = time.perf_counter() - t
     return DiscreteEvaluation(N, n, every, grid, probe_steps, (top_k, method), r, probes, timings)
 
 
@@ -198,10 +202,14 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
              flow_options: dict | None = None, solver: dict | None = None, probe_every: int | None = None,
              top_k: int = 1, sharpness_method: str = "auto", param_budget: float = 2e7, progress=False,
              batch: int | None = None, discrete: DiscreteEvaluation | None = None,
-             rows: int | None = None) -> Evaluation:
+             rows: int | None = None, after_transient: bool = False) -> Evaluation:
     """Every model of ``models`` on the batch (``optimizer`` and ``params`` stacked, B configurations),
     each kernel in calls of ``rows`` configurations a device (:func:`~._engine.row_blocks`; ``None``:
     one call of the whole batch).
+
+    The flows start at ``start_step``; with ``after_transient``, a configuration whose run starts
+    far past its edge starts its flows where that initial transient ends instead
+    (:func:`transient_starts`), each row at its own step in the same calls.
 
     ``discrete``: the same run's :func:`discrete_evaluation` (the same loss, optimizer, initial
     parameters and settings: the caller's promise), reused where it kept the states the flows start
@@ -223,12 +231,24 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
     if discrete is None or not discrete.covers(K):
         discrete = discrete_evaluation(loss_fn, optimizer, params, N, (K,), **settings)
         timings.update(discrete.timings)
+    begin = np.full(len(discrete.rollout.diverged_at), K)
+    if after_transient:
+        begin = transient_starts(discrete, K)
+        later = sorted({int(k) for k in begin} - {K})
+        if not all(discrete.covers(k) for k in later):
+            # the run again (bit for bit the same), keeping the states these starts need; its probes stand
+            t = time.perf_counter()
+            discrete = discrete_evaluation(loss_fn, optimizer, params, N, (K, *later), **settings,
+                                           probes=discrete.probes)
+            timings["discrete (kept again for the later starts)"] = time.perf_counter() - t
     r, grid, probe_steps = discrete.rollout, discrete.grid, discrete.probe_steps
     pos = {int(s): j for j, s in enumerate(r.saved_steps)}
     phase, slow = r.saved
     P = _rows(phase.params)
+    rows_ = np.arange(len(begin))
+    at = lambda j: np.array([pos[int(k) + j] for k in begin])  # noqa: E731  (each row's step start + j)
     mid = 0.5 * (P[:, [pos[k] for k in grid]] + P[:, [pos[k + 1] for k in grid]])
-    mid_K = 0.5 * (P[:, pos[K]] + P[:, pos[K + 1]])
+    mid_K = 0.5 * (P[rows_, at(0)] + P[rows_, at(1)])
     diverged = r.diverged_at >= 0
     order = period_two_order(N - K)  # a rod's half-vector from z_K .. z_{K+order}
     method = discrete.settings[1]
@@ -244,24 +264,24 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
 
     flows: dict[str, FlowResult] = {}
     fgrid = grid[grid >= K]
-    if flows_start(r.diverged_at, K).any():
-        states = tuple(jax.tree.map(lambda x: x[:, pos[j]], s) for j in (K, K + 1) for s in (phase, slow))
+    if flows_start(r.diverged_at, begin).any():
+        states = tuple(jax.tree.map(lambda x: x[rows_, at(j)], s) for j in (0, 1) for s in (phase, slow))
         rod_states = None  # built when the first model that starts from it needs it
-        stop = np.where(diverged, np.maximum(r.diverged_at, K) - 1.0, np.inf)
+        stop = np.where(diverged, np.maximum(r.diverged_at, begin) - 1.0, np.inf)
         for name in models:
             if name == "discrete":
                 continue
             say(progress, f"{name} flow: {B} configuration(s), steps {K}..{N - 1}")
             t = time.perf_counter()
-            starts = states
+            y0s = states
             if flow_kind(resolve(name, optimizer)).period_two_start:
                 if rod_states is None:
-                    rod_states = _period_two_states(states, [jax.tree.map(lambda x: x[:, pos[K + j]], phase)
+                    rod_states = _period_two_states(states, [jax.tree.map(lambda x: x[rows_, at(j)], phase)
                                                              for j in range(order + 1)])
-                starts = rod_states
-            fa = solve_batch(name, optimizer, loss_fn, starts, np.arange(K, N), fgrid, stop,
+                y0s = rod_states
+            fa = solve_batch(name, optimizer, loss_fn, y0s, np.arange(K, N), fgrid, stop,
                              options=(flow_options or {}).get(name), config=(solver or {}).get(name),
-                             progress=B == 1 and progress is True, rows=rows)
+                             progress=B == 1 and progress is True, rows=rows, starts=begin)
             timings[name] = time.perf_counter() - t
             C = _rows(fa.centre)
             err = M.param_rel_error(C, mid[:, grid >= K], mid_K[:, None])
@@ -271,4 +291,29 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
             fidx = np.union1d([0], np.nonzero(np.isin(fgrid, probe_steps))[0])
             fprobes = probe(*jax.tree.map(lambda x: x[:, fidx], (fa.centre, fa.slow)), name)
             flows[name] = FlowResult(fa, fprobes, fgrid[fidx], err)
-    return Evaluation(K, threshold_quantity, discrete, flows, timings)
+    return Evaluation(K, threshold_quantity, discrete, flows, timings, begin)
+
+
+def transient_starts(discrete: DiscreteEvaluation, start_step: int) -> np.ndarray:
+    """(B,) each configuration's start: ``start_step``, or, for a run that starts far past its
+    edge (:func:`~rodflow_jax._metrics.after_initial_transient`: above 1.5x its threshold at step
+    0), the first probed step at which it is back under the threshold, where that is later.
+
+    Why: flows started inside such an initial transient start from a state the edge-of-stability
+    dynamics have not reached. Measured on an unseen GELU 13-20-20-3 network (squared error on
+    sklearn's wine data, GD 0.5, 800 steps, float64), which starts at 3.13x its threshold and
+    catapults at 177 and 302: from step 0 the rod fired one catapult, at step 29, and its error
+    was 1.24x below the stable flow's; from step 16, where the transient ends, it fired two, at
+    173 and 288, and ended 46.7x closer. A start is moved only where the period-two window of the
+    batch's start still fits, so every row keeps the same window order."""
+    n = discrete.num_steps
+    order = period_two_order(n - start_step)
+    ev, thr = discrete.probes.eigenvalues[:, :, 0], discrete.probes.threshold
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = ev / thr
+    out = np.full(len(ratio), start_step)
+    for i, row in enumerate(ratio):
+        end = M.after_initial_transient(discrete.probe_steps, row)
+        if end is not None and end > start_step and period_two_order(n - end) == order and end <= n - 2:
+            out[i] = end
+    return out

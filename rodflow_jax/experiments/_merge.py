@@ -25,7 +25,8 @@ from .._errors import InputError
 
 SHARED_ARRAYS = ("probe_steps",)  # the same in every shard; every other array has a row per configuration
 # the sweep_info.json entries the fingerprint covers, named in a mismatch message
-FINGERPRINTED = ("problem", "optimizer", "grid", "seeds", "num_steps", "start_step", "models", "fixed",
+FINGERPRINTED = ("problem", "optimizer", "grid", "seeds", "num_steps", "start_step", "start_after_transient", "models",
+                 "fixed",
                  "probe_every", "float64", "batch_size")
 
 

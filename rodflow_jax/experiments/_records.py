@@ -138,11 +138,14 @@ def discrete_record(ev, i: int) -> DiscreteRecord:
 
 def flow_record(ev, name: str, i: int) -> FlowRecord:
     f = ev.flows[name]
-    K, N = ev.start_step, ev.num_steps
-    loss = f.arrays.loss[i]
-    ts = ev.flow_steps
+    K, N = int(ev.starts[i]), ev.num_steps  # this configuration's start (the batch's arrays may begin earlier)
+    on, fgrid = ev.flow_steps >= K, ev.flow_grid[ev.flow_grid >= K]
+    pon = f.probe_steps >= K
+    loss = f.arrays.loss[i][on]
+    ts = ev.flow_steps[on]
     avg = ev.avg_loss[i][K:N]
-    err = f.param_error[i]
+    err = f.param_error[i][ev.flow_grid >= K]
+    eig, thr, hvps = f.probes.eigenvalues[i][pon], f.probes.threshold[i][pon], f.probes.hvps[i][pon]
     finite = np.isfinite(loss)
     div = int(ev.diverged_at[i])
     # a configuration whose discrete run diverged at d: its flow is stopped at d - 1 (the last midpoint)
@@ -155,7 +158,7 @@ def flow_record(ev, name: str, i: int) -> FlowRecord:
     if stopped:
         message = f"stopped at step {div}: the discrete run diverged there"
     note = "" if f.arrays.note is None else str(f.arrays.note[i])
-    late = M.late_window(ev.flow_grid, K, N)
+    late = M.late_window(fgrid, K, N)
     lerr = M.loss_rel_error(loss, avg)
     vwin = None
     if ev.predicts_variance(name):
@@ -164,10 +167,11 @@ def flow_record(ev, name: str, i: int) -> FlowRecord:
         # metric's business), or from the onset where there is no catapult
         cats = discrete_catapults(ev, i)
         onset = cats[0] if cats else ev.onset(i)
-        edge = ev.flow_grid >= (onset if onset is not None else N)
-        amp2 = M.moving_average(ev.amplitude[i][ev.flow_grid] ** 2)
-        vwin = M.windowed_log_loss_error(f.arrays.variance[i][edge], amp2[edge], window=max(1, 50 // ev.every))
-    cat = catapults(loss, ts, f.probes.eigenvalues[i], f.probe_steps, floor=reference_floor(ev.avg_loss[i], loss))
+        edge = fgrid >= (onset if onset is not None else N)
+        amp2 = M.moving_average(ev.amplitude[i][fgrid] ** 2)
+        variance = f.arrays.variance[i][ev.flow_grid >= K]
+        vwin = M.windowed_log_loss_error(variance[edge], amp2[edge], window=max(1, 50 // ev.every))
+    cat = catapults(loss, ts, eig, f.probe_steps[pon], floor=reference_floor(ev.avg_loss[i], loss))
     ref = [k for k in discrete_catapults(ev, i) if k >= K]
     match = match_catapults(ref, cat)
     return FlowRecord(
@@ -178,7 +182,7 @@ def flow_record(ev, name: str, i: int) -> FlowRecord:
         catapult_count_difference=int(match.count_difference),
         catapult_mean_timing_error=match.mean_timing_error,
         first_catapult_timing_error=match.first_timing_error,
-        **_sharpness_fields(f.probe_steps, f.probes.eigenvalues[i], f.probes.threshold[i], f.probes.hvps[i]),
+        **_sharpness_fields(f.probe_steps[pon], eig, thr, hvps),
         flow=name,
         param_rel_error_final=M.last_finite(err),
         param_rel_error_max=M.nan_max(err[late]),
@@ -203,16 +207,20 @@ def missing_flow(name: str, start_step: int, message: str) -> FlowRecord:
                          "failed_at": start_step, "message": message, "solver_steps": 0, "rejected_steps": 0})
 
 
-def start_note(probe_steps, ratio, start_step: int, threshold_quantity: str) -> str:
-    """Where flows started at ``start_step`` start inside the initial transient of a run that
-    starts far past its edge (:func:`~rodflow_jax._metrics.after_initial_transient`), the note
-    that says so and from where they would not; else ``""``."""
+def start_note(probe_steps, ratio, start_step: int, threshold_quantity: str, asked: int | None = None) -> str:
+    """For a run that starts far past its edge (:func:`~rodflow_jax._metrics.after_initial_transient`),
+    the note that says where its initial transient ends and whether the flows, started at
+    ``start_step``, start inside it; ``asked``: the start step asked for, where the flows were
+    moved from it to the transient's end (``start_step="auto"``); else ``""``."""
     end = M.after_initial_transient(probe_steps, ratio)
-    if end is None or end <= start_step:
+    if end is None or (end <= start_step and asked is None):
         return ""
-    return (f"the run starts past its edge ({threshold_quantity} {float(ratio[0]):.3g}x the threshold at step 0) "
-            f"and is back under it at step {end}: the flows from step {start_step} start inside that initial "
-            f"transient (--start-step {end} starts them after it)")
+    head = (f"the run starts past its edge ({threshold_quantity} {float(ratio[0]):.3g}x the threshold at step 0) "
+            f"and is back under it at step {end}")
+    if asked is not None:
+        return head + f": the flows start there, after that initial transient (--start-step {asked} starts them inside it)"
+    return head + (f": the flows from step {start_step} start inside that initial transient (--start-step {end} starts "
+                   "them after it)")
 
 
 def run_record(ev, i: int, models) -> dict[str, Any]:
@@ -220,7 +228,7 @@ def run_record(ev, i: int, models) -> dict[str, Any]:
     d = discrete_record(ev, i)
     out: dict[str, Any] = {
         "num_steps": ev.num_steps,
-        "start_step": ev.start_step,
+        "start_step": int(ev.starts[i]),
         "num_params": ev.num_params,
         "threshold_quantity": ev.threshold_quantity,
         "threshold": d.threshold_final,
@@ -230,14 +238,16 @@ def run_record(ev, i: int, models) -> dict[str, Any]:
         "first_catapult_step": d.first_catapult_step,
         "discrete": d.to_json(),
     }
-    note = start_note(ev.probe_steps, ev.ratio(i), ev.start_step, ev.threshold_quantity)
+    moved = int(ev.starts[i]) > ev.start_step
+    note = start_note(ev.probe_steps, ev.ratio(i), int(ev.starts[i]), ev.threshold_quantity,
+                      asked=ev.start_step if moved else None)
     if note:
         out["start_note"] = note
     for name in models:
         if name in ev.flows and ev.started(i):  # alone or in any batch, the same record
             out[name] = flow_record(ev, name, i).to_json()
         elif name != "discrete":
-            out[name] = missing_flow(name, ev.start_step, "the discrete run diverged before the start step").to_json()
+            out[name] = missing_flow(name, int(ev.starts[i]), "the discrete run diverged before the start step").to_json()
     for a, b, key in (("stable", "rod", "error_ratio"), ("central", "rod", "central_rod_error_ratio")):
         if a in out and b in out:
             out[f"{key}_final"] = M.ratio(out[a]["param_rel_error_final"], out[b]["param_rel_error_final"])

@@ -179,7 +179,8 @@ def sweep(
     ev = evaluate(loss_fn, optimizer, params, num_steps, K, models, threshold_quantity=opts[0].threshold_quantity,
                   flow_options=flow_options, probe_every=probe_every, top_k=top_k,
                   sharpness_method=sharpness_method, param_budget=param_budget, progress=progress,
-                  batch=B_all, rows=rows)  # the whole grid's batch: a shard's step grid and probes are the sweep's
+                  batch=B_all, rows=rows,  # the whole grid's batch: a shard's step grid and probes are the sweep's
+                  after_transient=start_step == "auto")
     records = []
     for i, (hp, seed) in enumerate(configs):
         rec = {"hyperparameters": {k: float(v) for k, v in hp.items()}, "seed": seed,
@@ -190,13 +191,14 @@ def sweep(
               "discrete_sharpness": ev.probes.eigenvalues[mine, :, 0], "discrete_threshold": ev.probes.threshold[mine]}
     # a flow is NaN where it did not start (its run diverged by K + 1), also when no configuration
     # of this batch started it: a row is the same alone, in a shard or in the sweep
-    started = flows_start(ev.diverged_at, K)[mine, None]
+    started = flows_start(ev.diverged_at, ev.starts)[mine, None]
     for name in models:
         if name != "discrete":
             f = ev.flows.get(name)
             loss = f.arrays.loss[mine] if f else np.full((B, num_steps - K), np.nan, ev.loss.dtype)
             arrays[f"{name}_loss"] = np.where(started, loss, np.nan)
     info = {"problem": spec.label, "optimizer": label, "num_steps": num_steps, "start_step": K,
+            "start_after_transient": start_step == "auto",
             "seeds": seeds, "grid": {k: list(map(float, v)) for k, v in grid.items()}, "fixed": base,
             "models": models, "probe_every": int(ev.probe_steps[1] - ev.probe_steps[0]) if len(ev.probe_steps) > 1
             else None, "num_configurations": B, "devices": sharding.mesh.size if sharding else 1, "batch_size": rows}
@@ -205,7 +207,8 @@ def sweep(
     if shard is not None:
         info["shard"] = {"index": int(shard[0]), "count": int(shard[1]), "configurations": [first, stop]}
     info["fingerprint"] = fingerprint({  # everything the shards of one sweep must share
-        **{k: info[k] for k in ("problem", "optimizer", "num_steps", "start_step", "seeds", "grid", "fixed",
+        **{k: info[k] for k in ("problem", "optimizer", "num_steps", "start_step", "start_after_transient", "seeds",
+                                "grid", "fixed",
                                 "models", "probe_every", "batch_size")},
         "dtype": str(dtype), "every": ev.every, "top_k": top_k, "sharpness_method": sharpness_method,
         "flow_options": {m: (flow_options or {}).get(m) for m in models if (flow_options or {}).get(m)}})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import rodflow_jax as rf
-from helpers import tiny_mlp
+from helpers import assert_records_close, tiny_mlp
 
 
 def test_compare_metrics_and_files(tmp_path):
@@ -98,19 +98,68 @@ def test_where_the_initial_transient_of_a_run_that_starts_past_its_edge_ends():
     assert after_initial_transient(steps[1:], ratio[1:]) is None  # no probe at step 0
 
 
-def test_compare_says_where_an_initial_catapult_ends():
-    """A two-parameter network ``(uv - 1)^2 / 2`` from ``u = 3, v = 0.1`` at GD 0.35 starts at 1.58x
-    its threshold; its loss rises 18-fold in two steps and its sharpness is back under the
-    threshold at step 4. The flows keep the start asked for, and the record says where the
-    transient ends; from there on, no note."""
+def _catapulting_pair(u0=3.0):
+    """A two-parameter network ``(uv - 1)^2 / 2`` from ``u = u0, v = 0.1``: at GD 0.35 and
+    ``u0 = 3`` it starts at 1.58x its threshold, its loss rises 18-fold in two steps and its
+    sharpness is back under the threshold at step 4 (at ``u0 = 2``: 0.72x, no transient)."""
     loss = lambda p: 0.5 * (p["u"] * p["v"] - 1.0) ** 2  # noqa: E731
-    p0 = {"u": jnp.asarray(3.0, jnp.float64), "v": jnp.asarray(0.1, jnp.float64)}
+    return loss, {"u": jnp.asarray(u0, jnp.float64), "v": jnp.asarray(0.1, jnp.float64)}
+
+
+def test_auto_start_skips_an_initial_catapult_and_says_so():
+    """``"auto"`` starts the flows where the initial transient ends (step 4) and the record says
+    so; the numbers are those of ``start_step=4`` asked for, bit for bit; a start asked for inside
+    the transient is kept, with the note that says where it ends."""
+    loss, p0 = _catapulting_pair()
     opt = rf.make_optimizer("gd", learning_rate=0.35)
-    first = rf.compare(loss, p0, opt, 40, models=["discrete", "stable"], probe_every=1, keep_discrete=True)
-    assert first.metrics["start_step"] == 0
-    assert "back under it at step 4" in first.metrics["start_note"] and "--start-step 4" in first.metrics["start_note"]
-    after = rf.compare(loss, p0, opt, 40, models=["discrete", "stable"], probe_every=1, start_step=4, reuse=first)
-    assert "start_note" not in after.metrics
+    auto = rf.compare(loss, p0, opt, 40, models=["discrete", "stable", "rod"], probe_every=1, keep_discrete=True)
+    assert auto.metrics["start_step"] == 4
+    assert "back under it at step 4: the flows start there" in auto.metrics["start_note"]
+    assert "--start-step 0 starts them inside it" in auto.metrics["start_note"]
+    asked = rf.compare(loss, p0, opt, 40, models=["discrete", "stable", "rod"], probe_every=1, start_step=4,
+                       reuse=auto)
+    assert "start_note" not in asked.metrics
+    for name in ("stable", "rod"):
+        assert auto.metrics[name] == asked.metrics[name]
+        np.testing.assert_array_equal(auto.trajectories[f"{name}_loss"], asked.trajectories[f"{name}_loss"])
+        assert np.isnan(auto.trajectories[f"{name}_loss"][:4]).all()
+    inside = rf.compare(loss, p0, opt, 40, models=["discrete", "stable"], probe_every=1, start_step=0, reuse=auto)
+    assert inside.metrics["start_step"] == 0
+    assert "back under it at step 4" in inside.metrics["start_note"]
+    assert "--start-step 4 starts them after it" in inside.metrics["start_note"]
+
+
+def test_auto_start_moves_only_runs_that_start_past_their_edge():
+    """A sweep whose seed 0 starts past its edge and seed 1 below it: each row starts where its
+    own comparison starts (4 and 0), with that comparison's record and arrays (calls of one row,
+    as compare's), in one call of both rows (to 1e-8: a call of 2 rows rounds otherwise than one of 1) and
+    in shards of one (bit for bit); the flows' arrays begin at the batch's start step, NaN before
+    a row's own."""
+    def make(seed):
+        return _catapulting_pair(3.0 if seed == 0 else 2.0)
+
+    kw = dict(models=["discrete", "stable", "rod"], probe_every=1)
+    grid = {"learning_rate": [0.35]}
+    lone = rf.sweep(make, "gd", grid, [0, 1], 40, batch_size=1, **kw)
+    assert lone.info["start_step"] == 0 and lone.info["start_after_transient"] is True
+    assert [r["start_step"] for r in lone.records] == [4, 0]
+    for i, row in enumerate(lone.records):
+        c = rf.compare(*make(i), rf.make_optimizer("gd", learning_rate=0.35), 40, **kw)
+        assert_records_close({k: v for k, v in row.items() if k not in ("hyperparameters", "seed")}, c.metrics,
+                             rtol=1e-12)
+        np.testing.assert_allclose(lone.arrays["rod_loss"][i], c.trajectories["rod_loss"][:-1], rtol=1e-12)
+    both = rf.sweep(make, "gd", grid, [0, 1], 40, **kw)  # one call of 2 rows, starting at 4 and 0
+    assert both.info["batch_size"] == 2
+    for key in ("stable_loss", "rod_loss"):
+        np.testing.assert_allclose(both.arrays[key], lone.arrays[key], rtol=1e-8, atol=1e-12)
+    assert [r["rod"]["catapult_steps"] for r in both.records] == [r["rod"]["catapult_steps"] for r in lone.records]
+    for i in range(2):
+        shard = rf.sweep(make, "gd", grid, [0, 1], 40, shard=(i, 2), **kw)
+        assert_records_close(shard.records[0], both.records[i], rtol=0)
+    assert np.isnan(both.arrays["rod_loss"][0, :4]).all() and np.isfinite(both.arrays["rod_loss"][1]).all()
+    fixed = rf.sweep(make, "gd", grid, [0, 1], 40, start_step=0, **kw)
+    assert [r["start_step"] for r in fixed.records] == [0, 0] and fixed.info["start_after_transient"] is False
+    assert "start_note" in fixed.records[0] and "start_note" not in fixed.records[1]
 
 
 def test_compare_from_a_second_start_reuses_the_discrete_run():
