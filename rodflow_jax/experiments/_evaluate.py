@@ -304,16 +304,21 @@ def transient_starts(discrete: DiscreteEvaluation, start_step: int) -> np.ndarra
     sklearn's wine data, GD 0.5, 800 steps, float64), which starts at 3.13x its threshold and
     catapults at 177 and 302: from step 0 the rod fired one catapult, at step 29, and its error
     was 1.24x below the stable flow's; from step 16, where the transient ends, it fired two, at
-    173 and 288, and ended 46.7x closer. A start is moved only where the period-two window of the
-    batch's start still fits, so every row keeps the same window order."""
+    173 and 288, and ended 46.7x closer.
+
+    A start is moved only within the first quarter of the flows' steps (a run that stays above its
+    threshold longer than that is at its edge, not in a transient: its start stays, and its
+    record's ``start_note`` says where it comes back), and only where the period-two window of the
+    batch's start still fits, so that every row keeps the same window order."""
     n = discrete.num_steps
     order = period_two_order(n - start_step)
+    latest = start_step + (n - start_step) // 4
     ev, thr = discrete.probes.eigenvalues[:, :, 0], discrete.probes.threshold
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = ev / thr
     out = np.full(len(ratio), start_step)
     for i, row in enumerate(ratio):
         end = M.after_initial_transient(discrete.probe_steps, row)
-        if end is not None and end > start_step and period_two_order(n - end) == order and end <= n - 2:
+        if end is not None and start_step < end <= latest and period_two_order(n - end) == order:
             out[i] = end
     return out

@@ -186,8 +186,10 @@ def estimate_hypergradient(
     and the number of runs it cost.
 
     ``wrt`` names hyperparameters of ``optimizer`` (optax's names) and/or ``"params0"`` (the
-    derivative is then a pytree like ``params0``; exact only). ``start_step="auto"`` is resolved
-    as in ``compare``. See the module docstring for the models, objectives and the adjoint.
+    derivative is then a pytree like ``params0``; exact only). ``start_step="auto"`` is
+    :func:`default_start_step` (``compare``'s later start after an initial transient needs the
+    probed discrete run first: pass the step its ``start_step`` reports). See the module
+    docstring for the models, objectives and the adjoint.
     """
     if model not in HG_MODELS:
         raise InputError(f"unknown model {model!r}; choose from {', '.join(HG_MODELS)}")

@@ -129,6 +129,30 @@ def test_auto_start_skips_an_initial_catapult_and_says_so():
     assert "--start-step 4 starts them after it" in inside.metrics["start_note"]
 
 
+def test_transient_starts_move_only_within_the_first_quarter_and_the_window():
+    """The rule on probes alone: a row back under its threshold at step 12 of 100 starts there;
+    one that stays above until step 40 (past the first quarter: at its edge, not in a transient)
+    and one that starts under 1.5x keep the batch's start; so does one whose later start would
+    leave less than the batch's period-two window."""
+    from types import SimpleNamespace
+
+    from rodflow_jax.experiments._evaluate import transient_starts
+
+    steps = np.arange(0, 100, 4)
+
+    def ratios(end, first=2.0):
+        r = np.full(len(steps), 1.1)
+        r[0], r[steps >= end] = first, 0.9
+        return r
+
+    rows = np.stack([ratios(12), ratios(40), ratios(12, first=1.4), ratios(8)])
+    ev = lambda n, rows: SimpleNamespace(num_steps=n, probe_steps=steps,  # noqa: E731
+                                         probes=SimpleNamespace(eigenvalues=rows[:, :, None], threshold=np.ones_like(rows)))
+    assert transient_starts(ev(100, rows), 0).tolist() == [12, 0, 0, 8]
+    assert transient_starts(ev(100, rows), 10).tolist() == [12, 10, 10, 10]  # 8: not later than the start
+    assert transient_starts(ev(18, rows[:1]), 10).tolist() == [10]  # 18 - 12 < 8 steps: the window would shrink
+
+
 def test_auto_start_moves_only_runs_that_start_past_their_edge():
     """A sweep whose seed 0 starts past its edge and seed 1 below it: each row starts where its
     own comparison starts (4 and 0), with that comparison's record and arrays (calls of one row,
