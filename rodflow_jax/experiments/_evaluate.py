@@ -271,7 +271,10 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
         for name in models:
             if name == "discrete":
                 continue
-            say(progress, f"{name} flow: {B} configuration(s), steps {K}..{N - 1}")
+            later_rows = int((begin > K).sum())
+            span = (f"steps {int(begin.min())}..{N - 1}" if later_rows in (0, len(begin)) else
+                    f"steps {K}..{N - 1} ({later_rows} from later steps, after their initial transients)")
+            say(progress, f"{name} flow: {B} configuration(s), {span}")
             t = time.perf_counter()
             y0s = states
             if flow_kind(resolve(name, optimizer)).period_two_start:
