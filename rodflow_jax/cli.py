@@ -43,7 +43,7 @@ def _common(numeric_hparams: bool) -> argparse.ArgumentParser:
     c.add_argument("--start-step", default="auto", help="step K the flows start from, or 'auto': 0 for GD and "
                    "RMSProp, ceil(10/(1-beta)) with momentum or b1, or later for a run that starts above 1.5x its "
                    "threshold: where its initial transient ends (metrics.json's start_step and start_note say so; "
-                   "in a sweep, per configuration; hypergrad and tune take the optimizer's default only)")
+                   "in a sweep, per configuration; tune decides it once, at its first hyperparameters)")
     c.add_argument("--float64", action="store_true", help="run everything in double precision")
     c.add_argument("--no-progress", action="store_true", help="no progress bars or phase lines")
     c.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")

@@ -13,13 +13,12 @@ from typing import Any, Sequence
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .._errors import InputError
 from .._integrate import SolverConfig
 from ..optimizers import AbstractOptimizer, describe
-from ._evaluate import Evaluation, evaluate
+from ._evaluate import Evaluation, batch_of_one, evaluate
 from ._records import run_record
 from ._spec import DEFAULT_MODELS, check_problem, differentiable, resolve_models, resolve_start, resolve_steps
 
@@ -175,10 +174,7 @@ def compare(
     loss_fn, params0 = differentiable(loss_fn, params0)
     check_problem(loss_fn, params0)
     optimizer = optimizer.prepared(params0)
-    dtype = jnp.result_type(*jax.tree.leaves(params0))
-    opt = jax.tree.map(lambda x: jnp.asarray(x, dtype)[None] if eqx.is_array_like(x) and not callable(x) else x,
-                       optimizer)
-    params = jax.tree.map(lambda x: jnp.asarray(x)[None], params0)
+    opt, params = batch_of_one(optimizer, params0)
     discrete = _reused(reuse, source)
     ev = evaluate(loss_fn, opt, params, num_steps, K, models, threshold_quantity=optimizer.threshold_quantity,
                   flow_options=flow_options, solver=solver, probe_every=probe_every, top_k=top_k,

@@ -20,7 +20,9 @@ import functools
 import math
 import time
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .. import _metrics as M
@@ -295,6 +297,30 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
             fprobes = probe(*jax.tree.map(lambda x: x[:, fidx], (fa.centre, fa.slow)), name)
             flows[name] = FlowResult(fa, fprobes, fgrid[fidx], err)
     return Evaluation(K, threshold_quantity, discrete, flows, timings, begin)
+
+
+def batch_of_one(optimizer, params0):
+    """``optimizer`` (its array hyperparameters in the parameters' dtype) and ``params0`` with a
+    leading batch axis of 1: one run as the engine's kernels take it."""
+    dtype = jnp.result_type(*jax.tree.leaves(params0))
+    opt = jax.tree.map(lambda x: jnp.asarray(x, dtype)[None] if eqx.is_array_like(x) and not callable(x) else x,
+                       optimizer)
+    return opt, jax.tree.map(lambda x: jnp.asarray(x)[None], params0)
+
+
+def auto_start(loss_fn, optimizer, params0, num_steps: int, start_step: int) -> int:
+    """One run's ``"auto"`` start, as ``compare`` takes it at its default probe grid:
+    ``start_step`` (the optimizer's default), or where the run's initial transient ends
+    (:func:`transient_starts`). Costs one probe at step 0, and the run's discrete evaluation
+    (its steps and probes) only where that probe finds it starting far past its edge."""
+    opt, params = batch_of_one(optimizer, params0)
+    slow0 = optimizer.init(params0)[1]
+    first = probe_batch(opt, loss_fn, *jax.tree.map(lambda x: jnp.asarray(x)[None, None], (params0, slow0)),
+                        method=_probe_method(_num_params(params), "auto"))
+    if not first.eigenvalues[0, 0, 0] > M.TRANSIENT_LEVEL * first.threshold[0, 0]:
+        return start_step
+    disc = discrete_evaluation(loss_fn, opt, params, num_steps, (start_step,), batch=1)
+    return int(transient_starts(disc, start_step)[0])
 
 
 def transient_starts(discrete: DiscreteEvaluation, start_step: int) -> np.ndarray:

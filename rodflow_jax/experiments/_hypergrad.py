@@ -46,6 +46,7 @@ from ..flows import FLOW_KINDS, flow_kind
 from ..flows._registry import resolve
 from ..flows._rod import period_two_endpoints, period_two_order, period_two_trusted
 from ..optimizers import AbstractOptimizer
+from ._evaluate import auto_start
 from ._estimators import DEFAULT_ESTIMATOR, DEFAULT_PAIRS, Estimate, EstimatorSettings, smoothed_estimate
 from ._spec import check_problem, differentiable, resolve_start
 
@@ -187,9 +188,8 @@ def estimate_hypergradient(
 
     ``wrt`` names hyperparameters of ``optimizer`` (optax's names) and/or ``"params0"`` (the
     derivative is then a pytree like ``params0``; exact only). ``start_step="auto"`` is
-    :func:`default_start_step` (``compare``'s later start after an initial transient needs the
-    probed discrete run first: pass the step its ``start_step`` reports). See the module
-    docstring for the models, objectives and the adjoint.
+    ``compare``'s (:func:`flow_start`). See the module docstring for the models, objectives and
+    the adjoint.
     """
     if model not in HG_MODELS:
         raise InputError(f"unknown model {model!r}; choose from {', '.join(HG_MODELS)}")
@@ -202,7 +202,7 @@ def estimate_hypergradient(
     loss_fn, params0 = differentiable(loss_fn, params0)
     check_problem(loss_fn, params0)
     optimizer = optimizer.prepared(params0)
-    start_step = resolve_start(start_step, [optimizer], num_steps) if model != "discrete" else 0
+    start_step = flow_start(loss_fn, params0, optimizer, num_steps, model, start_step)
     hp_all = optimizer.hyperparameters()
     if any(callable(hp_all.get(w)) for w in wrt if w != "params0"):
         raise InputError("cannot differentiate with respect to a learning-rate schedule")
@@ -228,6 +228,22 @@ def estimate_hypergradient(
     else:
         out = {k: float(v) for k, v in grads.items()}
     return Estimate(float(value), {w: out[w] for w in wrt}, {w: None for w in wrt if w != "params0"}, settings, 1, 1)
+
+
+def flow_start(loss_fn, params0, optimizer: AbstractOptimizer, num_steps: int, model: str, start_step) -> int:
+    """The step a ``model`` flow's hypergradient starts from: 0 for ``"discrete"`` (no flow), an
+    integer as given, and ``"auto"`` as ``compare`` resolves it: the optimizer's default, or
+    later where a run that starts past its edge ends its initial transient
+    (:func:`~._evaluate.transient_starts`). That costs a probe at step 0, and an undifferentiated
+    discrete run with its probes where that probe finds the run above 1.5x its threshold;
+    ``tune`` resolves it once, at its first hyperparameters."""
+    if model == "discrete":
+        return 0
+    K = resolve_start(start_step, [optimizer], num_steps)
+    if start_step != "auto":
+        return K
+    loss_fn, params0 = differentiable(loss_fn, params0)
+    return auto_start(loss_fn, optimizer.prepared(params0), params0, num_steps, K)
 
 
 def hypergradient(loss_fn, params0, optimizer: AbstractOptimizer, num_steps: int, *, estimator="exact",
@@ -256,7 +272,7 @@ def hypergradient_report(loss_fn, params0, optimizer: AbstractOptimizer, num_ste
     from .._tree import tree_norm
     from ..optimizers import describe
 
-    K = 0 if model == "discrete" else resolve_start(start_step, [optimizer], num_steps)
+    K = flow_start(loss_fn, params0, optimizer, num_steps, model, start_step)
     est = estimate_hypergradient(loss_fn, params0, optimizer, num_steps, objective=objective, model=model, wrt=wrt,
                                  start_step=K, **kw)
     value, grad = est.value, est.gradient

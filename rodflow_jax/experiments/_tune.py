@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from .._errors import InputError
 from ._estimators import DECAYS
-from ._hypergrad import estimate_hypergradient
+from ._hypergrad import estimate_hypergradient, flow_start
 
 
 @dataclasses.dataclass
@@ -64,6 +64,8 @@ def tune(loss_fn, params0, optimizer, num_steps: int, *, objective: str, wrt: Se
     steps = {w: float(step) for w in hp}
     last_sign: dict[str, float] = {}
     history, runs = [], 0
+    if model != "discrete":  # one start step for every iteration (an "auto" start resolved at the first)
+        kw["start_step"] = flow_start(loss_fn, params0, optimizer, num_steps, model, kw.get("start_step", "auto"))
     for it in range(iterations):
         opt = optimizer.with_hyperparameters(**hp)
         est = estimate_hypergradient(loss_fn, params0, opt, num_steps, objective=objective, model=model, wrt=wrt,

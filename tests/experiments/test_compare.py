@@ -186,6 +186,22 @@ def test_auto_start_moves_only_runs_that_start_past_their_edge():
     assert "start_note" in fixed.records[0] and "start_note" not in fixed.records[1]
 
 
+def test_hypergradient_auto_start_is_compares():
+    """``hypergrad``'s and ``tune``'s ``"auto"`` is ``compare``'s: from step 4 on the pair that
+    starts at 1.58x (the same value and derivative as ``start_step=4``, recorded in the report),
+    from 0 on the one that starts at 0.72x; the discrete model has no start."""
+    from rodflow_jax.experiments._hypergrad import flow_start, hypergradient_report
+
+    opt = rf.make_optimizer("gd", learning_rate=0.35)
+    loss, p0 = _catapulting_pair()
+    assert flow_start(loss, p0, opt, 40, "rod", "auto") == 4 and flow_start(loss, p0, opt, 40, "discrete", "auto") == 0
+    assert flow_start(loss, _catapulting_pair(2.0)[1], opt, 40, "rod", "auto") == 0
+    kw = dict(model="rod", objective="mean_loss_last:10")
+    assert rf.hypergradient(loss, p0, opt, 40, **kw) == rf.hypergradient(loss, p0, opt, 40, start_step=4, **kw)
+    assert rf.hypergradient(loss, p0, opt, 40, **kw) != rf.hypergradient(loss, p0, opt, 40, start_step=0, **kw)
+    assert hypergradient_report(loss, p0, opt, 40, **kw)["start_step"] == 4
+
+
 def test_compare_from_a_second_start_reuses_the_discrete_run():
     """``reuse=`` takes an earlier comparison's discrete run and probes instead of recomputing
     them: the records and trajectories equal a fresh comparison's, the reused run costs nothing
