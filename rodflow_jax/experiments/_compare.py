@@ -145,7 +145,8 @@ def compare(
     """Run the discrete optimizer and the requested flows from one state and compare them.
 
     The flows start from the discrete state at ``start_step`` K (``"auto"``:
-    :func:`default_start_step`): the rod at ``c = (z_K + z_{K+1})/2``, ``r = (z_{K+1} - z_K)/2``,
+    :func:`default_start_step`, or, for a run that starts far past its edge, where its initial
+    transient ends, :func:`~._evaluate.transient_starts`; ``metrics["start_step"]`` says which): the rod at ``c = (z_K + z_{K+1})/2``, ``r = (z_{K+1} - z_K)/2``,
     the stable flow at ``z_K``. At each step k >= K the flows' centres are compared with the
     discrete midpoint ``mid_k = (z_k + z_{k+1})/2`` (see :mod:`~rodflow_jax.experiments._records`
     for every metric). ``params0`` may be any pytree, an equinox module included: only its

@@ -128,8 +128,10 @@ def sweep(
     :class:`~rodflow_jax.problems.Problem`, or ``make(seed) -> (loss_fn, params0)`` (the data,
     and so ``loss_fn``, must not depend on the seed: the first seed's is used). Hyperparameters
     not in ``grid`` come from ``fixed``, then the problem's defaults; an empty grid runs the
-    defaults. The flows all start at one step K (``"auto"``: the largest default over the
-    configurations). ``devices="all"`` shards the configuration axis over all devices.
+    defaults. The flows start at one step K (``"auto"``: the largest default over the
+    configurations, and a configuration whose run starts far past its edge starts later, where
+    its own initial transient ends: its record's ``start_step``; the flow arrays begin at K, NaN
+    before a row's own start). ``devices="all"`` shards the configuration axis over all devices.
 
     ``optimizer_name`` is one of the nine, ``"optax:NAME"`` (then ``opt_args`` are the
     constructor's other arguments, and any float argument of it can be in ``grid``), or an
