@@ -56,7 +56,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,7 +63,7 @@ import numpy as np
 import rodflow_jax as rf
 from rodflow_jax._discrete import states_at
 from rodflow_jax.experiments import probe_batch, rollout_batch, solve_batch, write_json
-from rodflow_jax.experiments._evaluate import grids
+from rodflow_jax.experiments._evaluate import batch_of_one, grids
 from rodflow_jax.problems import digits_data, init_mlp, mlp_apply, mse_loss
 from rodflow_jax.problems._digits import cnn_apply, init_cnn
 from rodflow_jax.problems._transformer import init_transformer, sort_data, transformer_apply
@@ -233,15 +232,6 @@ def twice(fn) -> dict:
     return rec
 
 
-def batch_of_one(optimizer, params0):
-    """The optimizer and parameters with a leading configuration axis of 1, as ``compare`` makes them."""
-    optimizer = optimizer.prepared(params0)
-    dtype = jnp.result_type(*jax.tree.leaves(params0))
-    opt = jax.tree.map(lambda x: jnp.asarray(x, dtype)[None] if eqx.is_array_like(x) and not callable(x) else x,
-                       optimizer)
-    return opt, jax.tree.map(lambda x: jnp.asarray(x)[None], params0)
-
-
 def sharpness(loss_fn, params0) -> float:
     return float(rf.top_eigenvalues(loss_fn, params0, 1, method="lanczos", num_iter=30)[0])
 
@@ -285,7 +275,7 @@ def measure(loss_fn, params0, lr: float, steps: int, models=MODELS) -> dict:
     probe_at = np.unique(np.linspace(0, steps, NUM_PROBES).astype(int))
     probe_at = np.concatenate([probe_at, np.full(NUM_PROBES - len(probe_at), steps)])
     save = np.unique(np.concatenate([grid, grid + 1, probe_at]))
-    opt_b, params_b = batch_of_one(gd, params0)
+    opt_b, params_b = batch_of_one(gd.prepared(params0), params0)
     # one chunk of exactly steps + 1 (the default 64-step chunks would pad a short run)
     chunk = min(64, steps + 1)
     roll = twice(lambda: rollout_batch(opt_b, params_b, loss_fn, steps, save, chunk_size=chunk))
@@ -308,7 +298,7 @@ def measure(loss_fn, params0, lr: float, steps: int, models=MODELS) -> dict:
         if kind not in models:
             continue
         opt = hb if kind == "inertial" else gd
-        ob, pb = batch_of_one(opt, params0)
+        ob, pb = batch_of_one(opt.prepared(params0), params0)
         states = jax.jit(jax.vmap(lambda o, q: states_at(o, loss_fn, q, 0)))(ob, pb)
         ts = np.arange(0, steps + 1)
         sol = twice(lambda: solve_batch(kind, ob, loss_fn, states, ts, grid, np.array([np.inf])))
