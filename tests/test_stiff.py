@@ -220,3 +220,16 @@ def test_a_paced_budget_stops_a_stall_early_and_leaves_a_solve_that_keeps_pace_a
     assert int(smooth.stats["num_steps"]) == int(smooth_paced.stats["num_steps"]) < 816
     np.testing.assert_array_equal(smooth.ys, smooth_paced.ys)
 
+
+def test_a_stopped_solve_has_the_budget_of_its_window():
+    """A solve that its event will stop at ``t = 2`` (a discrete run that diverged there) has
+    ``16 * 2 + 16`` steps of budget, not the whole grid's 816: the stall on ``y' = -1e6 y`` ends
+    at step 49, unpaced otherwise. A stop at ``inf`` changes nothing, to the bit."""
+    pid = diffrax.PIDController(rtol=1e-6, atol=1e-10)
+    stall = _decay_solve(1e6, I.PacedBudget(pid, per_step=16, reserve=None, stop=jnp.asarray(2.0)))
+    assert stall.result == diffrax.RESULTS.max_steps_reached and int(stall.stats["num_steps"]) == 49
+    smooth = _decay_solve(1.0, pid)
+    never = _decay_solve(1.0, I.PacedBudget(pid, per_step=16, reserve=None, stop=jnp.asarray(jnp.inf)))
+    assert int(never.stats["num_steps"]) == int(smooth.stats["num_steps"])
+    np.testing.assert_array_equal(smooth.ys, never.ys)
+
