@@ -191,7 +191,8 @@ def flow_record(ev, name: str, i: int) -> FlowRecord:
         variance_window_log_error=vwin,
         failed=failed,
         failed_at=failed_at,
-        message=message if (failed or stopped) else note,
+        # a stopped or failed fallback also says why it ran (its note: "rod2 ran out of ...")
+        message="; ".join(m for m in (message, note) if m) if (failed or stopped) else note,
         solver_steps=int(f.arrays.num_steps[i]),
         rejected_steps=int(f.arrays.num_rejected_steps[i]),
         solver=None if f.arrays.solver is None else str(f.arrays.solver[i]),
