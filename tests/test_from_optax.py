@@ -295,6 +295,22 @@ def test_parse_opt_args():
             parse_opt_args(bad)
 
 
+@pytest.mark.parametrize("args, match", [
+    ("learning_rate=abc", r"learning_rate='abc' must be a number"),
+    ("learning_rate=0.05,b1=abc", r"b1='abc' must be a number"),
+    ("learning_rate=-0.1", "learning_rate must be positive, got -0.1"),
+    ("learning_rate=0", "learning_rate must be positive, got 0"),
+    ("learning_rate=inf", "must be finite"),
+])
+def test_a_word_or_a_non_positive_learning_rate_is_refused_before_anything_runs(args, match):
+    """Optax takes ``learning_rate='abc'`` or ``-0.1`` and fails (or ascends) only once it runs;
+    the wrapper refuses them at once, as the nine built-ins refuse ``learning_rate <= 0``."""
+    with pytest.raises(InputError, match=match):
+        from_optax(optax.adam, hyperparameters=parse_opt_args(args))
+    from_optax(optax.adam, hyperparameters=parse_opt_args("learning_rate=0.05,eps_root=0,nesterov=true"))
+    from_optax(optax.adam, hyperparameters={"learning_rate": optax.constant_schedule(0.1)})  # a schedule passes
+
+
 def test_optax_by_name():
     tx = optax_by_name("adamw", **parse_opt_args("learning_rate=0.1,weight_decay=1e-4"))
     assert isinstance(tx, optax.GradientTransformation)

@@ -461,6 +461,27 @@ class OptaxOptimizer(AbstractOptimizer):
         return dataclasses.replace(self, hparams={**self.hparams, **values})
 
 
+def _check_numbers(label: str, factory, kwargs: dict) -> None:
+    """One-line :class:`InputError` for a ``learning_rate`` that is not a positive number (a
+    schedule, a callable, passes) and for a word given where the factory's default is a float
+    (``b1=abc``): optax would take either and fail, or ascend, only once it runs."""
+    try:
+        signature = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        signature = {}
+    for k, v in kwargs.items():
+        default = signature[k].default if k in signature else None
+        numeric = k == "learning_rate" or (isinstance(default, float) and not isinstance(default, bool))
+        if not numeric or callable(v) or isinstance(v, (jax.Array, np.ndarray)):
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise InputError(f"{label}: {k}={v!r} must be a number")
+        if not math.isfinite(float(v)):
+            raise InputError(f"{label}: {k}={v!r} must be finite")
+        if k == "learning_rate" and v <= 0:
+            raise InputError(f"{label}: learning_rate must be positive, got {v!r}")
+
+
 def _float_arguments(factory, kwargs: dict) -> tuple[dict, dict]:
     """``(float arguments, the others)`` of ``factory(**kwargs)``: given floats (and ints given
     where the signature's default is a float, or for ``learning_rate``) become array leaves;
@@ -544,6 +565,7 @@ def from_optax(
     if not callable(tx):
         raise InputError(f"from_optax needs an optax GradientTransformation or a factory of one, got {type(tx).__name__}")
     label = getattr(tx, "__name__", "factory")
+    _check_numbers(name or "optax." + label, tx, hp)
     floats, others = _float_arguments(tx, hp)
     try:
         built = tx(**hp)
