@@ -32,6 +32,7 @@ from .._resources import relieve_map_pressure
 from .._sharpness import DENSE_MAX_PARAMS
 from ..flows import flow_kind
 from ..flows._registry import resolve
+from ..flows._central import check_central_options
 from ..flows._rod import period_two_endpoints, period_two_order, period_two_trusted
 from ._engine import FlowArrays, ProbeArrays, Rollout, _rows, probe_batch, rollout_batch, solve_batch
 from ._progress import say
@@ -219,6 +220,8 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
     ``timings``."""
     relieve_map_pressure()  # before this call's compilations, not in the middle of them
     K, N = start_step, num_steps
+    if "central" in models:  # its options against the problem's size, before any run
+        check_central_options(_num_params(params), **(flow_options or {}).get("central", {}))
     B = batch or int(jax.tree.leaves(params)[0].shape[0])
     settings = dict(probe_every=probe_every, top_k=top_k, sharpness_method=sharpness_method,
                     param_budget=param_budget, progress=progress, batch=B, rows=rows)

@@ -249,6 +249,17 @@ def _initial_directions(optimizer, loss_fn, params, slow, k):
     return optimizer_sharpness(optimizer, loss_fn, params, slow, k, "auto").vectors
 
 
+def check_central_options(num_params: int, *, k: int = 2, num_iter: int = 24, restoring=1.0, **_) -> None:
+    """One-line :class:`InputError` for options no central flow on ``num_params`` parameters can
+    take; drivers call it before the discrete run, so a bad ``--central-k`` costs nothing."""
+    if k < 1 or num_iter < k:
+        raise InputError(f"central flow needs 1 <= k <= num_iter, got k={k}, num_iter={num_iter}")
+    if k > num_params:
+        raise InputError(f"central flow needs k <= the number of parameters ({num_params}), got k={k}")
+    if isinstance(restoring, (int, float)) and not restoring >= 0:
+        raise InputError(f"central flow needs a restoring rate >= 0, got {restoring}")
+
+
 def central_flow(
     optimizer: AbstractOptimizer,
     loss_fn,
@@ -267,9 +278,8 @@ def central_flow(
     eigenvectors at ``z0`` plus an equal-weight fixed random vector.
     """
     check_supported(optimizer)
-    if k < 1 or num_iter < k:
-        raise InputError(f"central flow needs 1 <= k <= num_iter, got k={k}, num_iter={num_iter}")
     x = ravel_pytree(z0.params)[0]
+    check_central_options(x.size, k=k, num_iter=num_iter, restoring=restoring)
     warm = jnp.sum(_initial_directions(optimizer, loss_fn, z0.params, s0, k), axis=1)
     noise = jax.random.normal(jax.random.PRNGKey(0), x.shape, x.dtype)
     start = warm / jnp.linalg.norm(warm) + noise / jnp.linalg.norm(noise)

@@ -154,3 +154,24 @@ def test_compare_central_holds_the_edge_where_the_stable_flow_passes_it():
     stable = tr["stable_sharpness"][:, 0] / tr["stable_threshold"]
     assert stable[-1] > 1.15
     assert central.max() < 1.02 and central[-1] > 0.98
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"k": 5}, r"k <= the number of parameters \(2\), got k=5"),
+    ({"k": 0}, "1 <= k <= num_iter"),
+    ({"k": 3, "num_iter": 2}, "1 <= k <= num_iter"),
+    ({"restoring": -1.0}, "restoring rate >= 0"),
+])
+def test_bad_central_options_are_refused_before_the_discrete_run(options, match, monkeypatch):
+    """``--central-k 5`` on a 2-parameter problem was an opt_einsum traceback after the whole
+    run; now one message, before any step (the discrete rollout is never called)."""
+    import rodflow_jax.experiments._evaluate as ev
+
+    def no_run(*a, **k):
+        raise AssertionError("the discrete run started")
+
+    monkeypatch.setattr(ev, "discrete_evaluation", no_run)
+    loss_fn, p0 = rf.get_problem("toy").make(0)
+    with pytest.raises(rf.InputError, match=match):
+        rf.compare(loss_fn, p0, rf.make_optimizer("gd", learning_rate=0.1), 20,
+                   models=["discrete", "central"], flow_options={"central": options})
