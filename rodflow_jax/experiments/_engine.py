@@ -283,15 +283,22 @@ def solve_batch(kind: str, optimizer, loss_fn, states, ts, param_ts, stop_at, *,
     if config is None and fallback is not None:
         arrays = _fall_back(kind, fallback, arrays, optimizer, loss_fn, states, ts, param_ts, stop_at, starts, options,
                             progress, rows)
-    return _before_start_blank(arrays, ts, param_ts, starts)
+    return _outside_blank(arrays, ts, param_ts, starts, stop_at)
 
 
-def _before_start_blank(arrays: FlowArrays, ts, param_ts, starts) -> FlowArrays:
-    """``arrays`` with each row's saves before its start step NaN."""
-    before = np.asarray(ts)[None, :] < starts[:, None]
-    if not before.any():
+def _outside_blank(arrays: FlowArrays, ts, param_ts, starts, stop_at) -> FlowArrays:
+    """``arrays`` with each row's saves before its start step and after its stop NaN: it had not
+    started, or had been stopped (diffrax fills the saves a stopped solve never reached with
+    ``inf``, which read as a flow that blew up)."""
+    stop = np.asarray(stop_at, float)[:, None]
+
+    def outside(t):
+        t = np.asarray(t)[None, :]
+        return (t < starts[:, None]) | (t > stop)
+
+    before, pbefore = outside(ts), outside(param_ts)
+    if not before.any() and not pbefore.any():
         return arrays
-    pbefore = np.asarray(param_ts)[None, :] < starts[:, None]
 
     def blank(x, mask):  # (B, T, ...) over (B, T); integer leaves (a step count) are left as they are
         x = np.asarray(x)

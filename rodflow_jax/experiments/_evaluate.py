@@ -198,7 +198,20 @@ def discrete_evaluation(loss_fn, optimizer, params, num_steps: int, starts=(), *
         probes = probe_batch(optimizer, loss_fn, *jax.tree.map(lambda x: x[:, idx], (phase.params, slow)), k=top_k,
                              method=method, progress=progress, desc="discrete", rows=rows)
         timings["discrete probes"] = time.perf_counter() - t
+    probes = _after_divergence_nan(probes, probe_steps, r.diverged_at)
     return DiscreteEvaluation(N, n, every, grid, probe_steps, (top_k, method), r, probes, timings)
+
+
+def _after_divergence_nan(probes: ProbeArrays, probe_steps, diverged_at) -> ProbeArrays:
+    """``probes`` with NaN sharpness and threshold at the probe steps from each row's divergence
+    on: a diverged run's state is frozen at its first non-finite or exploded step, and probing it
+    again measured nothing real (a 6-parameter network diverged at step 4 reported a final
+    sharpness of 1.9e7, 2.4e6 x its threshold, and an edge crossing after the divergence)."""
+    dead = (np.asarray(diverged_at)[:, None] >= 0) & (np.asarray(probe_steps)[None, :] >= np.asarray(diverged_at)[:, None])
+    if not dead.any():
+        return probes
+    eig = np.where(dead[..., None], np.nan, np.asarray(probes.eigenvalues))
+    return probes._replace(eigenvalues=eig, threshold=np.where(dead, np.nan, np.asarray(probes.threshold)))
 
 
 def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models, *, threshold_quantity: str,

@@ -244,3 +244,22 @@ def test_reuse_runs_afresh_where_the_start_was_not_kept():
     again = rf.compare(loss, params, opt, 60, start_step=24, reuse=first, **kw)
     assert "discrete" in again.timings
     assert again.metrics == rf.compare(loss, params, opt, 60, start_step=24, **kw).metrics
+
+
+def test_a_diverged_run_reports_no_probe_or_flow_value_after_it():
+    """After its divergence a run's state is frozen, and flows stopped there are never solved
+    further: found by a QA pass, the frozen state was probed on (a final sharpness 2.4e6 x the
+    threshold, an edge crossing after the divergence) and the flows' saves after their stop
+    were diffrax's ``inf`` fill, which reads as a blow-up."""
+    A = jnp.linspace(0.1, 10.0, 6)
+    loss = lambda x: 0.5 * jnp.sum(A * x**2) + 0.25 * jnp.sum(x**4)  # noqa: E731
+    result = rf.compare(loss, jnp.ones(6), rf.make_optimizer("gd", learning_rate=0.25), 200, probe_every=4)
+    m, t = result.metrics, result.trajectories
+    k = m["discrete"]["diverged_at"]
+    assert k is not None and 0 < k < 10
+    after = t["discrete_sharpness_step"] >= k
+    assert after.any() and np.all(np.isnan(t["discrete_sharpness"][after])) and np.all(np.isnan(t["discrete_threshold"][after]))
+    assert m["discrete"]["sharpness_final"] == pytest.approx(13.0)  # the Hessian at x = 1: A + 3 x^2, top 10 + 3
+    assert m["discrete"]["eos_crossing_step"] is None or m["discrete"]["eos_crossing_step"] < k
+    for key, values in t.items():
+        assert not np.isinf(np.asarray(values, float)).any(), key
