@@ -441,10 +441,11 @@ def _cmd_hypergrad(args) -> int:
         write_json_atomic(out, report, overwrite=args.overwrite)
     value = report["objective"]
     se = report.get("standard_error") or {}
-    shown = ", ".join(f"d/d{k} = {v:.6g}" + (f" +- {se[k]:.2g}" if se.get(k) is not None else "")
-                      for k, v in report["gradient"].items() if v is not None)
-    shown += f" ({report['estimator']}, {report['samples']} run{'s' if report['samples'] != 1 else ''})"
-    print(f"{args.objective} ({args.model}) = {value:.6g}; {shown}" if value is not None
+    parts = [f"d/d{k} = {v:.6g}" + (f" +- {se[k]:.2g}" if se.get(k) is not None else "")
+             for k, v in report["gradient"].items() if v is not None]
+    shown = ", ".join(parts) + (" " if parts else "")
+    shown += f"({report['estimator']}, {report['samples']} run{'s' if report['samples'] != 1 else ''})"
+    print(f"{args.objective} ({args.model}) = {value:.6g}; {shown}" if value is not None and math.isfinite(value)
           else f"{args.objective} ({args.model}) is not finite; {shown}")
     if "params0_gradient_norm" in report:
         print(f"|d/dparams0| = {report['params0_gradient_norm']:.6g}")

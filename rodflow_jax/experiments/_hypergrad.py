@@ -265,6 +265,20 @@ def objective_value(loss_fn, params0, optimizer, num_steps, **kw) -> float:
     return float(eqx.filter_jit(f)(optimizer, params0))
 
 
+def _no_gradient_past_divergence(out: dict, loss_fn, params0, optimizer, num_steps: int, model: str) -> None:
+    """``out`` for an objective that is not finite: no gradient (a derivative of a diverged run
+    is 0 or NaN, not a slope: a QA pass read ``d/dlearning_rate = 0`` off a run that diverged
+    at step 17), the discrete run's divergence step, and why."""
+    from .._discrete import run_discrete
+
+    run = run_discrete(optimizer, loss_fn, params0, num_steps, save_steps=[0])
+    out["gradient"] = {k: None for k in out["gradient"]}
+    out.pop("params0_gradient_norm", None)
+    out["diverged_at"] = run.diverged_at
+    out["message"] = (f"the discrete run diverged at step {run.diverged_at}: no gradient" if run.diverged_at is not None
+                      else f"the {model} model's objective is not finite (the discrete run did not diverge): no gradient")
+
+
 def hypergradient_report(loss_fn, params0, optimizer: AbstractOptimizer, num_steps: int, *,
                          objective: str = "final_loss", model: str = "rod", wrt: Sequence[str] = ("learning_rate",),
                          start_step: int | str = "auto", **kw) -> dict[str, Any]:
@@ -286,7 +300,9 @@ def hypergradient_report(loss_fn, params0, optimizer: AbstractOptimizer, num_ste
     if "params0" in grad:
         out["params0_gradient_norm"] = float(tree_norm(grad["params0"]))
     bad = [k for k, v in out["gradient"].items() if not math.isfinite(v)]
-    if est.nonfinite:
+    if est.settings.name == "exact" and (value is None or not math.isfinite(value)):
+        _no_gradient_past_divergence(out, loss_fn, params0, optimizer, num_steps, model)
+    elif est.nonfinite:
         out["message"] = (f"{est.nonfinite} of {est.runs} samples are not finite (diverged runs): the window "
                           f"theta (1 +- {est.settings.width:g}) reaches past stability; use a smaller --width or rate")
     elif bad and value is not None and math.isfinite(value):

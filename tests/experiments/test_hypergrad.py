@@ -99,3 +99,18 @@ def test_cli_hypergrad(tmp_path, capsys):
     rc = main(["hypergrad", "--problem", f"{f}:make", "--learning-rate", "0.02", "--objective", "mean_loss_last:x"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("rodflow: error:") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("model", ["discrete", "rod"])
+def test_cli_hypergrad_of_a_diverged_run_records_the_step_and_no_gradient(tmp_path, capsys, model):
+    """A QA pass read ``d/dlearning_rate = 0`` (discrete) and ``nan`` (rod) off a run that diverged
+    at step 3: the derivative of a diverged run is no slope. Now: no gradient, the step, a note."""
+    out = tmp_path / "hg.json"
+    rc = main(["hypergrad", "--problem", "toy", "--steps", "40", "--learning-rate", "10", "--model", model,
+               "--out", str(out), "--no-progress"])
+    text = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert rc == 0 and res["objective"] is None and res["gradient"] == {"learning_rate": None}
+    k = res["diverged_at"]
+    assert isinstance(k, int) and 0 < k < 10 and f"diverged at step {k}" in res["message"]
+    assert "is not finite; (exact, 1 run)" in text and f"note: the discrete run diverged at step {k}: no gradient" in text
