@@ -164,6 +164,23 @@ def test_signal_mid_run_stops_fast_and_leaves_nothing(tmp_path, sig, code):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("delay", [0.3, 1.0])
+def test_a_ctrl_c_while_jax_is_still_importing_is_one_line(tmp_path, delay):
+    """The console script's module (``rodflow_cli``) handles SIGINT before it imports JAX: a
+    Ctrl-C in the first 2 s used to be a KeyboardInterrupt or ImportError traceback, or was
+    swallowed by a garbage-collection callback and the run went on to write its folder."""
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "rodflow_cli", "compare", "--problem", "toy", "--steps", "100",
+                          "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "MPLBACKEND": "Agg"})
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert err == "rodflow: interrupted by SIGINT; nothing was written\n"
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_sigkill_while_writing_keeps_the_previous_folder(tmp_path, prob):
     out = tmp_path / "run"
