@@ -26,20 +26,20 @@ def _concrete(x) -> float | None:
 def check_positive(name: str, value) -> None:
     v = _concrete(value)
     if v is not None and not (v > 0 and np.isfinite(v)):
-        raise InputError(f"{name} must be a positive finite number, got {v!r}")
+        raise InputError(f"{name} must be a positive finite number, got {v:.8g}")
 
 
 def check_nonnegative(name: str, value) -> None:
     v = _concrete(value)
     if v is not None and not (v >= 0 and np.isfinite(v)):
-        raise InputError(f"{name} must be >= 0, got {v!r}")
+        raise InputError(f"{name} must be >= 0, got {v:.8g}")
 
 
 def check_unit_interval(name: str, value) -> None:
     """Check ``0 <= value < 1`` (momentum and decay rates)."""
     v = _concrete(value)
     if v is not None and not (0.0 <= v < 1.0):
-        raise InputError(f"{name} must lie in [0, 1), got {v!r}")
+        raise InputError(f"{name} must lie in [0, 1), got {v:.8g}")  # 8 digits: -0.1 in float32 reads -0.1
 
 
 def unknown_name(kind: str, name: str, valid: Iterable[str]) -> InputError:

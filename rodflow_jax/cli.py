@@ -326,11 +326,15 @@ def _cmd_compare(args) -> int:
 
 def _seeds(text: str) -> list[int]:
     try:
-        if "," in text:
-            return [int(v) for v in text.split(",") if v.strip()]
-        n = int(text)
+        seeds = [int(v) for v in text.split(",") if v.strip()] if "," in text else None
+        n = None if seeds is not None else int(text)
     except ValueError:
         raise InputError(f"--seeds must be a count or a comma list of integers, got {text!r}") from None
+    if seeds is not None:
+        twice = sorted({s for s in seeds if seeds.count(s) > 1})
+        if twice:
+            raise InputError(f"--seeds lists seed {', '.join(map(str, twice))} more than once (the rows would repeat)")
+        return seeds
     if n < 1:
         raise InputError(f"--seeds must be at least 1, got {n}")
     return list(range(n))

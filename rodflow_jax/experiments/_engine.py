@@ -144,8 +144,21 @@ def map_rows(f, batched: tuple, shared: tuple = (), mesh: jax.sharding.Mesh | No
     iteration: the stiff stable flows of 4 configurations (an unseen tanh network on sklearn's
     diabetes data, RMSProp, 300 steps) took 82.7 s on 2 fake CPU devices, 23.5 s under
     ``shard_map`` and 49.7 s on one device. Both give the same numbers, which are 1e-16 off one
-    device's (one configuration a solver step apart): running on two devices at once rounds
-    differently, while a one-device mesh on either device equals the plain run bit for bit."""
+    device's (one configuration a solver step apart).
+
+    Why a mesh of 2 or more devices rounds differently from one device (stop 41, traced on an
+    unseen softplus network): the programs are compiled differently, not run differently. With
+    more than one partition XLA's SPMD passes run before simplification and leave another graph
+    (13 divides where the plain program keeps 6), and XLA on a CPU contracts a multiply and the
+    add after it into one fused multiply-add wherever they share a fusion, so the rod's
+    ``-(p - m) / (2 stretch) - r`` is rounded once in one program and twice in the other. Its
+    inputs are equal to the bit; the edge's chaos grows the last-bit difference to 3e-10 in 100
+    steps. So every mesh of 2 or more devices agrees bit for bit with every other (1 process x 4
+    devices = 2 processes x 2 devices), and a one-device mesh (either device) with the plain run,
+    but not the one with the other. No XLA flag turns the contraction off. Running the plain
+    one-device program on each device instead (its rows, ``jax.make_array_from_single_device_arrays``)
+    is bit-exact, but compiles once per device: 144 s against 74 s for a 4-device sweep in one
+    process; it would cost nothing with one device per process."""
     g = eqx.filter_vmap(lambda b, s: f(*b, *s), in_axes=(0, None))
     if mesh is None:
         return g(batched, shared)
