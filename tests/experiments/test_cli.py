@@ -121,3 +121,13 @@ def test_bad_optax_input_is_one_line(tmp_path, user_file, args, match, capsys):
     rc = main(["compare", "--problem", f"{user_file}:make", *args, "--steps", "5", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and match in err, err
+
+
+def test_repeated_seeds_and_float32_inputs_read_as_typed(capsys):
+    """From a QA pass: ``--seeds 0,0`` ran the same rows twice, and ``--momentum -0.1`` was echoed
+    back as -0.10000000149011612 (its float32 value)."""
+    assert main(["sweep", "--problem", "toy", "--seeds", "0,2,0", "--steps", "20", "--no-progress"]) == 2
+    assert capsys.readouterr().err == "rodflow: error: --seeds lists seed 0 more than once (the rows would repeat)\n"
+    assert main(["compare", "--problem", "toy", "--optimizer", "heavy_ball", "--momentum", "-0.1", "--steps", "20",
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err == "rodflow: error: momentum must lie in [0, 1), got -0.1\n"
