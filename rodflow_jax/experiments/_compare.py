@@ -168,10 +168,6 @@ def compare(
     num_steps = resolve_steps(num_steps, num_steps)
     models = resolve_models(models, optimizer)
     K = resolve_start(start_step, [optimizer], num_steps)
-    if top_k < 1:
-        raise InputError(f"top-k must be at least 1, got {top_k}")
-    if probe_every is not None and probe_every < 1:
-        raise InputError(f"probe-every must be at least 1, got {probe_every}")
     loss_fn, params0 = differentiable(loss_fn, params0)
     check_problem(loss_fn, params0)
     optimizer = optimizer.prepared(params0)

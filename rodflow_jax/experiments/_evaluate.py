@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import _metrics as M
 from .._discrete import DiscreteRun
+from .._errors import InputError
 from .._integrate import result_message
 from .._resources import relieve_map_pressure
 from .._sharpness import DENSE_MAX_PARAMS
@@ -164,6 +165,23 @@ def _num_params(params) -> int:
     return sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(params))
 
 
+def check_probe_options(num_params: int, num_steps: int, probe_every: int | None, top_k: int) -> None:
+    """The probes' settings against the problem, before any run: ``top_k`` eigenvalues of an
+    ``num_params``-dimensional Hessian, one probe every ``probe_every`` of ``num_steps`` steps."""
+    if not 1 <= top_k <= num_params:
+        raise InputError(f"top-k must lie in 1..{num_params} (the model has {num_params} parameters), got {top_k}")
+    if probe_every is not None and not 1 <= probe_every <= num_steps:
+        raise InputError(f"probe-every must lie in 1..{num_steps} (the number of steps), got {probe_every}")
+
+
+def check_options(num_params: int, num_steps: int, models, flow_options: dict | None, probe_every: int | None,
+                  top_k: int) -> None:
+    """The probes' and the central flow's settings against the problem's size, before any run."""
+    check_probe_options(num_params, num_steps, probe_every, top_k)
+    if "central" in models:
+        check_central_options(num_params, **(flow_options or {}).get("central", {}))
+
+
 def _probe_method(num_params: int, sharpness_method: str) -> str:
     if sharpness_method != "auto":
         return sharpness_method
@@ -181,6 +199,7 @@ def discrete_evaluation(loss_fn, optimizer, params, num_steps: int, starts=(), *
     N = num_steps
     B = batch or int(jax.tree.leaves(params)[0].shape[0])
     n = _num_params(params)
+    check_probe_options(n, N, probe_every, top_k)
     method = _probe_method(n, sharpness_method)
     every, grid, probe_steps = grids(n, N, B, probe_every, param_budget)
     windows = [np.arange(K, K + period_two_order(N - K) + 1) for K in starts]
@@ -233,8 +252,7 @@ def evaluate(loss_fn, optimizer, params, num_steps: int, start_step: int, models
     ``timings``."""
     relieve_map_pressure()  # before this call's compilations, not in the middle of them
     K, N = start_step, num_steps
-    if "central" in models:  # its options against the problem's size, before any run
-        check_central_options(_num_params(params), **(flow_options or {}).get("central", {}))
+    check_options(_num_params(params), N, models, flow_options, probe_every, top_k)
     B = batch or int(jax.tree.leaves(params)[0].shape[0])
     settings = dict(probe_every=probe_every, top_k=top_k, sharpness_method=sharpness_method,
                     param_budget=param_budget, progress=progress, batch=B, rows=rows)

@@ -28,7 +28,7 @@ import numpy as np
 from .._errors import InputError
 from ..optimizers import describe
 from ._engine import stack_trees
-from ._evaluate import evaluate, flows_start
+from ._evaluate import check_options, evaluate, flows_start
 from ._merge import check_shard, fingerprint, shard_range
 from ._progress import say
 from ._records import run_record
@@ -166,6 +166,8 @@ def sweep(
     K = resolve_start(start_step, opts, num_steps)  # over the whole grid, also for a shard
     configs, opts = configs[first:stop], opts[first:stop]
     loss_fn, seed_params = _seed_problems(spec.make, seeds)
+    check_options(sum(x.size for x in jax.tree.leaves(seed_params[0])), num_steps, models, flow_options, probe_every,
+                  top_k)  # before the banner: a refusal is the only line printed
     opts = [o.prepared(seed_params[0]) for o in opts]
     by_seed = dict(zip(seeds, seed_params))
     dtype = jnp.result_type(*jax.tree.leaves(seed_params[0]))

@@ -151,6 +151,8 @@ def test_cli_sweep_writes_json_and_figures(tmp_path):
         (["--learning-rate=-0.1,0.2"], "learning_rate must be a positive"),
         (["--learning-rate", "0:1:3:log"], "log range"),
         (["--learning-rate", "0.1", "--seeds", "x"], "--seeds"),
+        (["--learning-rate", "0.1", "--top-k", "11"], "top-k must lie in 1..10"),
+        (["--learning-rate", "0.1", "--probe-every", "11"], "probe-every must lie in 1..10"),
     ],
 )
 def test_cli_sweep_bad_input_is_one_line(flags, match, capsys):
