@@ -30,6 +30,16 @@ def _band(records, model, key, x_name):
     return np.asarray(xs), np.asarray(med), np.asarray(lo), np.asarray(hi)
 
 
+def _mark_diverged(ax, records, x_name) -> None:
+    """A red x at the top of the axes at each value where a discrete run diverged: its row has no
+    final value, so the curve would otherwise just skip it (or its seed band narrow) unexplained."""
+    xs = [r["hyperparameters"][x_name] for r in records if r.get("discrete", {}).get("diverged")]
+    if xs:
+        n = len(xs)
+        ax.plot(sorted(set(xs)), [0.97] * len(set(xs)), "x", color="red", ms=7, mew=1.5, clip_on=False,
+                transform=ax.get_xaxis_transform(), label=f"discrete diverged ({n} run{'s' * (n > 1)})")
+
+
 def plot_sweep(records, out_dir, title: str = "") -> list[Path]:
     """``sweep_loss.png`` and ``sweep_sharpness.png``: one curve per model, seeds as bands."""
     plt = _plt()
@@ -54,6 +64,7 @@ def plot_sweep(records, out_dir, title: str = "") -> list[Path]:
             shown.append(med)
         if key == "sharpness_ratio_final":
             ax.axhline(1.0, color="k", lw=0.6, ls="--", label="threshold")
+        _mark_diverged(ax, records, x_name)
         x = np.asarray([r["hyperparameters"][x_name] for r in records], float)
         if np.all(x > 0) and x.max() > 10 * x.min():
             ax.set_xscale("log")

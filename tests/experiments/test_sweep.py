@@ -198,3 +198,23 @@ def test_figures_of_a_sweep_whose_every_run_diverged(tmp_path):
     written = plot_sweep(records, tmp_path, title="all diverged")
     assert [p.name for p in written] == ["sweep_loss.png", "sweep_sharpness.png"]
     assert all(p.stat().st_size > 0 for p in written)
+
+
+def test_a_diverged_row_is_marked_on_the_sweep_figures():
+    """A diverged run has no final value: the curve skips it, so the figure marks where it was."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rodflow_jax._sweep_plot import _mark_diverged
+
+    records = [{"hyperparameters": {"learning_rate": lr}, "seed": s,
+                "discrete": {"diverged": lr > 0.35 and s == 1, "final_loss": None if lr > 0.35 and s == 1 else 1.0}}
+               for lr in (0.3, 0.4, 0.5) for s in (0, 1)]
+    fig, ax = plt.subplots()
+    _mark_diverged(ax, records, "learning_rate")
+    (line,) = ax.get_lines()
+    assert line.get_label() == "discrete diverged (2 runs)"
+    assert list(line.get_xdata()) == [0.4, 0.5]
+    plt.close(fig)
