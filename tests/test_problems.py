@@ -146,6 +146,12 @@ GOOD = """
         def loss(p):
             raise KeyError("w")
         return loss, jnp.ones(2)
+
+    def make_two(seed, width):
+        return (lambda p: jnp.sum(p ** 2)), jnp.ones(width)
+
+    def make_kw(seed=0, *, width=2):
+        return (lambda p: jnp.sum(p ** 2)), jnp.ones(width)
 """
 
 
@@ -158,6 +164,8 @@ def test_user_problem_good(tmp_path):
     assert not np.allclose(params0["w"], other["w"])
     loss_fn, params0 = load_user_problem(f"{path}:make_noseed")
     assert float(loss_fn(params0)) == pytest.approx(2.0)
+    _, params0 = load_user_problem(f"{path}:make_kw")  # defaults and keywords are the file's to set
+    assert params0.shape == (2,)
 
 
 @pytest.mark.parametrize(
@@ -170,6 +178,7 @@ def test_user_problem_good(tmp_path):
         (":make_int_params", r"no floating-point array leaves \(found ArrayImpl\)"),
         (":make_raises", r"error while running .*make_raises: RuntimeError: boom"),
         (":make_loss_raises", r"error while running loss_fn of .*KeyError"),
+        (":make_two", r"make_two must be callable as make\(seed\) or make\(\) .*its signature is make_two\(seed, width\)"),
     ],
 )
 def test_user_problem_errors(tmp_path, suffix, match):

@@ -47,17 +47,21 @@ def _import_file(path: str, label: str):
     return module
 
 
-def _takes_seed(fn) -> bool:
-    """Whether ``fn`` accepts one positional argument (the seed)."""
+def _call(fn, label: str, seed: int):
+    """``fn(seed)`` when ``fn`` accepts one positional argument, else ``fn()``; a function that
+    can be called neither way is refused by its signature, before it runs."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
-        return True
-    try:
-        sig.bind(0)
-    except TypeError:
-        return False
-    return True
+        return fn(seed)
+    for args in ((seed,), ()):
+        try:
+            sig.bind(*args)
+        except TypeError:
+            continue
+        return fn(*args)
+    raise InputError(f"{label} must be callable as make(seed) or make() -> (loss_fn, params0); "
+                     f"its signature is {fn.__name__ if hasattr(fn, '__name__') else 'make'}{sig}")
 
 
 def _check_params(params0, label: str) -> None:
@@ -105,7 +109,9 @@ def load_user_problem(spec: str, seed: int = 0):
         raise InputError(f"{label} is not callable (got {type(fn).__name__})")
 
     try:
-        result = fn(seed) if _takes_seed(fn) else fn()
+        result = _call(fn, label, seed)
+    except InputError:
+        raise
     except Exception as e:
         raise InputError(f"error while running {label}: {type(e).__name__}: {e}") from e
 
