@@ -62,14 +62,15 @@ def cell_runs(pname, name, momentum, cache: Path | None, models=("discrete", "st
     return runs
 
 
-def counts(t, m, merge_from: str) -> tuple[list[int], list[int]]:
-    """The discrete run's and the rod's catapults after the start, as ``metrics.json`` counts them."""
+def counts(t, m, merge_from: str, model: str = "rod") -> tuple[list[int], list[int]]:
+    """The discrete run's and the rod's (``model``'s) catapults after the start, as ``metrics.json``
+    counts them."""
     K, steps = m["start_step"], t["step"]
     disc = detect_catapults(t["discrete_avg_loss"], steps, sharpness=t["discrete_sharpness"][:, 0],
                             sharpness_steps=t["discrete_sharpness_step"], merge_from=merge_from)
-    rod_loss = t["rod_loss"][K:]
-    rod = detect_catapults(rod_loss, steps[K:], sharpness=t["rod_sharpness"][:, 0],
-                           sharpness_steps=t["rod_sharpness_step"],
+    rod_loss = t[f"{model}_loss"][K:]
+    rod = detect_catapults(rod_loss, steps[K:], sharpness=t[f"{model}_sharpness"][:, 0],
+                           sharpness_steps=t[f"{model}_sharpness_step"],
                            floor=reference_floor(t["discrete_avg_loss"], rod_loss), merge_from=merge_from)
     return [int(k) for k in disc if k >= K], [int(k) for k in rod if k >= K]
 
@@ -90,6 +91,7 @@ def main(argv=None):
     optimizers = args.optimizers.split(",") if args.optimizers else F.OPTIMIZERS
     tasks = F.grid_tasks(args.problems.split(","), optimizers, F.parse_momenta(args.momentum))
     rows, t0 = [], time.perf_counter()
+    rods = [x for x in args.models.split(",") if x not in ("discrete", "stable")]  # the rods counted
     skipped = []
     for pname, name, momentum in tasks:
         if args.cached_only and not (cache / f"{_tag(pname, name, momentum)}.json").exists():
@@ -101,26 +103,39 @@ def main(argv=None):
         if m["discrete"].get("diverged_at") is not None or (m.get("eos_fraction") or 0) < 0.5:
             continue  # the at-edge cells only
         row = {"problem": pname, "optimizer": name, "momentum": momentum, "start": start,
-               "start_step": m["start_step"], "construction": m["rod"].get("construction")}
-        for rule in ("start", "end"):
-            disc, rod = counts(t, m, rule)
-            row[rule] = {"discrete": disc, "rod": rod, "same_count": len(disc) == len(rod),
-                         "first_on_time": bool(disc and rod and first_on_time(disc[0], rod[0]))}
-        if not row["start"]["discrete"] and not row["end"]["discrete"]:
+               "start_step": m["start_step"], "models": {}}
+        for model in [x for x in rods if f"{x}_loss" in t]:
+            row["models"][model] = {"construction": m[model].get("construction")}
+            for rule in ("start", "end"):
+                disc, rod = counts(t, m, rule, model)
+                row["models"][model][rule] = {"discrete": disc, "rod": rod, "same_count": len(disc) == len(rod),
+                                              "first_on_time": bool(disc and rod and first_on_time(disc[0], rod[0]))}
+        if not row["models"]:
+            skipped.append(f"{_tag(pname, name, momentum)} (the cache holds none of {', '.join(rods)})")
+            continue
+        first = next(iter(row["models"].values()))
+        if not first["start"]["discrete"] and not first["end"]["discrete"]:
             continue  # no catapult after the start
+        row.update(construction=first["construction"], start=first["start"], end=first["end"])  # the first model's
+        row["start_name"] = start
         rows.append(row)
         cells = f"{pname} {name}" + (f" (b={momentum})" if momentum is not None else "")
-        print(f"{cells:30s} K={row['start_step']:4d} " + " | ".join(
-            f"from {r}: {len(row[r]['discrete'])} vs {len(row[r]['rod'])}"
-            f"{' same' if row[r]['same_count'] else ' DIFF'}{' on time' if row[r]['first_on_time'] else ' LATE'}"
-            for r in ("start", "end")), flush=True)
+        for model, c in row["models"].items():
+            print(f"{cells:30s} {model:9s} K={row['start_step']:4d} " + " | ".join(
+                f"from {r}: {len(c[r]['discrete'])} vs {len(c[r]['rod'])}"
+                f"{' same' if c[r]['same_count'] else ' DIFF'}{' on time' if c[r]['first_on_time'] else ' LATE'}"
+                for r in ("start", "end")), flush=True)
     total = {}
-    for r in ("start", "end"):  # each rule over the cells where it finds a discrete catapult
-        own = [x[r] for x in rows if x[r]["discrete"]]
-        total[r] = {"cells": len(own), "same_count": sum(x["same_count"] for x in own),
-                    "first_on_time": sum(x["first_on_time"] for x in own)}
-        print(f"merge counted from the {r}: same count {total[r]['same_count']}/{len(own)}, "
-              f"first catapult on time {total[r]['first_on_time']}/{len(own)}")
+    for model in rods:
+        for r in ("start", "end"):  # each rule over the cells where it finds a discrete catapult
+            own = [x["models"][model][r] for x in rows if model in x["models"] and x["models"][model][r]["discrete"]]
+            if not own:
+                continue
+            key = r if model == rods[0] else f"{model}/{r}"
+            total[key] = {"cells": len(own), "same_count": sum(x["same_count"] for x in own),
+                          "first_on_time": sum(x["first_on_time"] for x in own)}
+            print(f"{model}: merge counted from the {r}: same count {total[key]['same_count']}/{len(own)}, "
+                  f"first catapult on time {total[key]['first_on_time']}/{len(own)}")
     print(f"({time.perf_counter() - t0:.0f} s)" + (f"; not in the cache, skipped: {', '.join(skipped)}" if skipped else ""))
     if args.out:
         write_json(Path(args.out), {"rows": rows, "totals": total, "skipped": skipped})
