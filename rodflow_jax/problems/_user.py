@@ -61,7 +61,7 @@ def _call(fn, label: str, seed: int):
             continue
         return fn(*args)
     raise InputError(f"{label} must be callable as make(seed) or make() -> (loss_fn, params0); "
-                     f"its signature is {fn.__name__ if hasattr(fn, '__name__') else 'make'}{sig}")
+                     f"its signature is {getattr(fn, '__name__', 'make')}{sig}")
 
 
 def _check_params(params0, label: str) -> None:
