@@ -54,8 +54,10 @@ def _run_flags(p) -> None:
     p.add_argument("--models", default="discrete,stable,rod",
                    help="comma list of discrete, stable, rod, central (gd and the rmsprops), "
                    "inertial, inertial_stable (heavy_ball, nesterov and the Adam family)")
-    p.add_argument("--probe-every", type=int, default=None, help="sharpness probe interval in steps (default N/50)")
-    p.add_argument("--top-k", type=int, default=1, help="how many top eigenvalues each probe records")
+    p.add_argument("--probe-every", type=int, default=None,
+                   help="sharpness probe interval in steps, 1..N (default N/50)")
+    p.add_argument("--top-k", type=int, default=1,
+                   help="how many top eigenvalues each probe records, 1..number of parameters (default 1)")
     p.add_argument("--sharpness-method", default="auto", choices=("auto", "dense", "lanczos"),
                    help="auto: warm-started Lanczos (dense eigh only for tiny models)")
     p.add_argument("--central-k", type=int, default=2, help="central flow: number of critical directions")
