@@ -41,7 +41,7 @@ def _tag(pname, name, momentum) -> str:
     return f"{pname}_{name}_{momentum if momentum is not None else 'own'}"
 
 
-def cell_runs(pname, name, momentum, cache: Path | None, models=("discrete", "stable", "rod")):
+def cell_runs(pname, name, momentum, cache: Path | None, models=("discrete", "stable", "rod"), starts=None):
     """``{start: (trajectories, metrics)}`` of one cell, from ``cache`` where it holds them."""
     tag = _tag(pname, name, momentum)
     if cache is not None and (cache / f"{tag}.json").exists():
@@ -53,7 +53,8 @@ def cell_runs(pname, name, momentum, cache: Path | None, models=("discrete", "st
                 traj[start][field] = z[key]
         return {k: (traj[k], metrics[k]) for k in metrics}
     problem = rf.get_problem(pname)
-    _, cmps = F.run_cell(problem, name, overrides=F.momentum_overrides(problem, name, momentum), models=models)
+    _, cmps = F.run_cell(problem, name, overrides=F.momentum_overrides(problem, name, momentum), models=models,
+                         **({"starts": starts} if starts else {}))
     runs = {k: ({f: np.asarray(v) for f, v in c.trajectories.items()}, c.metrics) for k, c in cmps.items()}
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
@@ -84,6 +85,8 @@ def main(argv=None):
                     help="models a rerun cell runs (the counts need discrete,rod; the stable flow is kept for "
                          "other uses of the cache)")
     ap.add_argument("--cache", default=None, help="folder of saved cells (read where present, written otherwise)")
+    ap.add_argument("--counted-start-only", action="store_true",
+                    help="run the flows from the counted start alone (half the flows' cost)")
     ap.add_argument("--cached-only", action="store_true", help="skip the cells that --cache does not hold")
     ap.add_argument("--out", default=None, help="JSON file for the rows")
     args = ap.parse_args(argv)
@@ -97,7 +100,8 @@ def main(argv=None):
         if args.cached_only and not (cache / f"{_tag(pname, name, momentum)}.json").exists():
             skipped.append(_tag(pname, name, momentum))
             continue
-        runs = cell_runs(pname, name, momentum, cache, tuple(args.models.split(",")))
+        runs = cell_runs(pname, name, momentum, cache, tuple(args.models.split(",")),
+                         ("counted",) if args.counted_start_only else None)
         start = "pre_edge" if "pre_edge" in runs else "default"
         t, m = runs[start]
         if m["discrete"].get("diverged_at") is not None or (m.get("eos_fraction") or 0) < 0.5:

@@ -253,7 +253,8 @@ def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "p
              models=("discrete", "stable", "rod"), progress=False, probe_every=None, derivative=None):
     """Rows for one cell, one per start: ``default`` (``start_step="auto"``) and
     ``pre_edge`` (``PRE_EDGE * steps`` before the discrete onset; skipped where it would not
-    come after the default start). ``derivative``: how the second-order rods evaluate their
+    come after the default start); ``starts=("counted",)``: the flows from the start the targets count
+    alone (the pre-edge one where there is one, else the default one). ``derivative``: how the second-order rods evaluate their
     correction (``rodflow_jax.flows._second_order.DERIVATIVES``; recorded on the rows when
     given). Returns ``(rows, {start: Comparison})``."""
     loss_fn, params0 = problem.make(0)
@@ -271,6 +272,13 @@ def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "p
     if "default" in starts:
         cmps["default"], walls["default"] = first, time.perf_counter() - t
     onset = first.metrics["eos_onset_step"]
+    if starts == ("counted",):  # the flows from the start the targets count alone: pre-edge where it is after K0
+        K = pre_edge_start(K0, onset, steps) if onset is not None else K0
+        kind = "pre_edge" if K0 < K <= steps - 2 else "default"
+        t = time.perf_counter()
+        cmps[kind] = rf.compare(loss_fn, params0, opt, steps, start_step=K if kind == "pre_edge" else "auto",
+                                models=models, reuse=first, **kw)
+        walls[kind] = time.perf_counter() - t
     if "pre_edge" in starts and onset is not None:
         K = pre_edge_start(K0, onset, steps)
         if (K > K0 or "default" not in starts) and K <= steps - 2:
@@ -278,7 +286,7 @@ def run_cell(problem, name, steps=None, *, overrides=None, starts=("default", "p
             cmps["pre_edge"] = rf.compare(loss_fn, params0, opt, steps, start_step=K, models=models, reuse=first, **kw)
             walls["pre_edge"] = time.perf_counter() - t
     osc = oscillation_stats(loss_fn, params0, opt, steps, onset if onset is not None else K0, first.discrete.run())
-    if "default" in cmps:  # its run is not kept past the cell (nor pickled to the parent: it holds the loss)
+    if "default" in starts:  # its run is not kept past the cell (nor pickled to the parent: it holds the loss)
         cmps["default"] = dataclasses.replace(first, discrete=None, source=None)
     rows = [summarise(problem, name, hp, c, kind, walls[kind], osc) for kind, c in cmps.items()]
     if kw["flow_options"]:
