@@ -11,7 +11,12 @@ a cell and the totals (same count, first catapult on time), and writes JSON.
     python benchmarks/catapult_counts.py --out benchmarks/results/catapult_counts_stop41.json
     python benchmarks/catapult_counts.py --problems toy --cache /tmp/cells      # reuse saved cells
     python benchmarks/catapult_counts.py --cache /tmp/cells --cached-only       # only the saved cells
-    python benchmarks/catapult_counts.py --problems cnn-digits --optimizers adam --models discrete,rod
+    python benchmarks/catapult_counts.py --problems cnn-digits --optimizers adam --models discrete,rod \
+        --counted-start-only --cache /tmp/cells                                # a costly cell, cheaply
+    python benchmarks/catapult_counts.py --problems toy,deep-linear,mlp-digits,transformer-sort,cnn-digits \
+        --cache /tmp/cells --cached-only --out benchmarks/results/catapult_counts_stop42.json
+    python benchmarks/catapult_counts.py --problems toy,deep-linear --models discrete,rod1,rod2,inertial \
+        --cache /tmp/constructions      # every construction (a cache of its own: cells hold the models they ran)
 
 ``--cache DIR`` keeps each cell's trajectories and metrics (``CELL.npz``, ``CELL.json``) and
 reads them back instead of rerunning the cell (about 25 minutes for all three problems on 2 cores).
