@@ -165,19 +165,15 @@ def _num_params(params) -> int:
     return sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(params))
 
 
-def check_probe_options(num_params: int, num_steps: int, probe_every: int | None, top_k: int) -> None:
-    """The probes' settings against the problem, before any run: ``top_k`` eigenvalues of an
-    ``num_params``-dimensional Hessian, one probe every ``probe_every`` of ``num_steps`` steps."""
+def check_options(num_params: int, num_steps: int, models, flow_options: dict | None, probe_every: int | None,
+                  top_k: int) -> None:
+    """The probes' and the central flow's settings against the problem's size, before any run:
+    ``top_k`` eigenvalues of a ``num_params``-dimensional Hessian, one probe every ``probe_every``
+    of ``num_steps`` steps."""
     if not 1 <= top_k <= num_params:
         raise InputError(f"top-k must lie in 1..{num_params} (the model has {num_params} parameters), got {top_k}")
     if probe_every is not None and not 1 <= probe_every <= num_steps:
         raise InputError(f"probe-every must lie in 1..{num_steps} (the number of steps), got {probe_every}")
-
-
-def check_options(num_params: int, num_steps: int, models, flow_options: dict | None, probe_every: int | None,
-                  top_k: int) -> None:
-    """The probes' and the central flow's settings against the problem's size, before any run."""
-    check_probe_options(num_params, num_steps, probe_every, top_k)
     if "central" in models:
         check_central_options(num_params, **(flow_options or {}).get("central", {}))
 
@@ -199,7 +195,6 @@ def discrete_evaluation(loss_fn, optimizer, params, num_steps: int, starts=(), *
     N = num_steps
     B = batch or int(jax.tree.leaves(params)[0].shape[0])
     n = _num_params(params)
-    check_probe_options(n, N, probe_every, top_k)
     method = _probe_method(n, sharpness_method)
     every, grid, probe_steps = grids(n, N, B, probe_every, param_budget)
     windows = [np.arange(K, K + period_two_order(N - K) + 1) for K in starts]

@@ -28,7 +28,7 @@ import numpy as np
 from .._errors import InputError
 from ..optimizers import describe
 from ._engine import stack_trees
-from ._evaluate import check_options, evaluate, flows_start
+from ._evaluate import _num_params, check_options, evaluate, flows_start
 from ._merge import check_shard, fingerprint, shard_range
 from ._progress import say
 from ._records import run_record
@@ -166,13 +166,12 @@ def sweep(
     K = resolve_start(start_step, opts, num_steps)  # over the whole grid, also for a shard
     configs, opts = configs[first:stop], opts[first:stop]
     loss_fn, seed_params = _seed_problems(spec.make, seeds)
-    check_options(sum(x.size for x in jax.tree.leaves(seed_params[0])), num_steps, models, flow_options, probe_every,
-                  top_k)  # before the banner: a refusal is the only line printed
     opts = [o.prepared(seed_params[0]) for o in opts]
     by_seed = dict(zip(seeds, seed_params))
     dtype = jnp.result_type(*jax.tree.leaves(seed_params[0]))
     optimizer = jax.tree.map(lambda x: jnp.asarray(x, dtype) if hasattr(x, "dtype") else x, stack_trees(opts))
     params = stack_trees([by_seed[s] for _, s in configs])
+    check_options(_num_params(params), num_steps, models, flow_options, probe_every, top_k)  # before the banner
     B = len(configs)
     sharding = config_sharding(devices)
     lead = first % (rows * (sharding.mesh.size if sharding else 1))  # a shard's rows at their places in their calls

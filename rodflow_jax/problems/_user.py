@@ -47,19 +47,19 @@ def _import_file(path: str, label: str):
     return module
 
 
-def _call(fn, label: str, seed: int):
-    """``fn(seed)`` when ``fn`` accepts one positional argument, else ``fn()``; a function that
-    can be called neither way is refused by its signature, before it runs."""
+def _arguments(fn, label: str, seed: int) -> tuple:
+    """``(seed,)`` when ``fn`` accepts one positional argument, else ``()``; a function that can be
+    called neither way is refused by its signature, before it runs."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
-        return fn(seed)
+        return (seed,)
     for args in ((seed,), ()):
         try:
             sig.bind(*args)
         except TypeError:
             continue
-        return fn(*args)
+        return args
     raise InputError(f"{label} must be callable as make(seed) or make() -> (loss_fn, params0); "
                      f"its signature is {getattr(fn, '__name__', 'make')}{sig}")
 
@@ -108,10 +108,9 @@ def load_user_problem(spec: str, seed: int = 0):
     if not callable(fn):
         raise InputError(f"{label} is not callable (got {type(fn).__name__})")
 
+    args = _arguments(fn, label, seed)
     try:
-        result = _call(fn, label, seed)
-    except InputError:
-        raise
+        result = fn(*args)
     except Exception as e:
         raise InputError(f"error while running {label}: {type(e).__name__}: {e}") from e
 
