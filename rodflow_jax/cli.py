@@ -21,6 +21,20 @@ class _Parser(argparse.ArgumentParser):
         raise InputError(message)
 
 
+SEED_RANGE = (0, 2**32 - 1)  # what jax.random.PRNGKey takes on every platform
+
+
+def _seed(text: str) -> int:
+    """An argparse type: an integer seed in ``SEED_RANGE`` (larger ones overflow in the PRNG)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"a seed must lie in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {seed}")
+    return seed
+
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     pass
 
@@ -88,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="built-in problems with their default rates, and the optimizers")
     c = sub.add_parser("compare", parents=[_common(True)], formatter_class=_Help,
                        help="run discrete and flows from one state and compare them")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=_seed, default=0)
     c.add_argument("--out", default=None, help="output folder (default runs/PROBLEM-OPTIMIZER)")
     _run_flags(c)
     s = sub.add_parser("sweep", parents=[_common(False)], formatter_class=_Help,
@@ -123,12 +137,13 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--wrt", default="learning_rate", help="comma list of hyperparameters, and/or params0")
     h.add_argument("--estimator", default="auto", choices=("auto", "exact", "es", "smoothed"),
                    help="auto: es for mean_loss_last:K (the least-squares slope over the rate's +-width window, "
-                   "from antithetic runs), exact otherwise; exact: the derivative of the one trajectory; "
+                   "from antithetic runs), exact otherwise (es for the central flow, which has no derivative); "
+                   "exact: the derivative of the one trajectory; "
                    "smoothed: the same slope from exact derivatives")
     h.add_argument("--pairs", type=int, default=16, help="es/smoothed: antithetic sample pairs (2 x pairs runs)")
     h.add_argument("--width", type=float, default=0.1, help="es/smoothed: relative half-width of the window")
     h.add_argument("--estimator-seed", type=int, default=0, help="es/smoothed: seed of the stratified samples")
-    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--seed", type=_seed, default=0)
     h.add_argument("--out", default=None, help="JSON file (default: print only)")
     h.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     t = sub.add_parser("tune", parents=[_common(True)], formatter_class=_Help,
@@ -141,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--estimator", default="es", choices=("es", "smoothed", "exact"))
     t.add_argument("--pairs", type=int, default=4)
     t.add_argument("--width", type=float, default=0.1)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--out", default=None, help="JSON file (default: print only)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p
@@ -332,13 +347,17 @@ def _seeds(text: str) -> list[int]:
         n = None if seeds is not None else int(text)
     except ValueError:
         raise InputError(f"--seeds must be a count or a comma list of integers, got {text!r}") from None
+    if seeds is None and n < 1:
+        raise InputError(f"--seeds must be at least 1, got {n}")
+    out = [s for s in (seeds if seeds is not None else [n - 1])
+           if not SEED_RANGE[0] <= s <= SEED_RANGE[1]]
+    if out:
+        raise InputError(f"--seeds: a seed must lie in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {out[0]}")
     if seeds is not None:
         twice = sorted({s for s in seeds if seeds.count(s) > 1})
         if twice:
             raise InputError(f"--seeds lists seed {', '.join(map(str, twice))} more than once (the rows would repeat)")
         return seeds
-    if n < 1:
-        raise InputError(f"--seeds must be at least 1, got {n}")
     return list(range(n))
 
 
@@ -449,10 +468,10 @@ def _cmd_hypergrad(args) -> int:
     se = report.get("standard_error") or {}
     parts = [f"d/d{k} = {v:.6g}" + (f" +- {se[k]:.2g}" if se.get(k) is not None else "")
              for k, v in report["gradient"].items() if v is not None]
-    shown = ", ".join(parts) + (" " if parts else "")
-    shown += f"({report['estimator']}, {report['samples']} run{'s' if report['samples'] != 1 else ''})"
-    print(f"{args.objective} ({args.model}) = {value:.6g}; {shown}" if value is not None and math.isfinite(value)
-          else f"{args.objective} ({args.model}) is not finite; {shown}")
+    how = f"({report['estimator']}, {report['samples']} run{'s' if report['samples'] != 1 else ''})"
+    shown = f"; {', '.join(parts)} {how}" if parts else f" {how}"
+    print(f"{args.objective} ({args.model}) = {value:.6g}{shown}" if value is not None and math.isfinite(value)
+          else f"{args.objective} ({args.model}) is not finite{shown}")
     if "params0_gradient_norm" in report:
         print(f"|d/dparams0| = {report['params0_gradient_norm']:.6g}")
     if report.get("message"):

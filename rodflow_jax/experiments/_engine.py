@@ -348,15 +348,17 @@ def solve_batch(kind: str, optimizer, loss_fn, states, ts, param_ts, stop_at, *,
 def _outside_blank(arrays: FlowArrays, ts, param_ts, starts, stop_at) -> FlowArrays:
     """``arrays`` with each row's saves before its start step and after its stop NaN: it had not
     started, or had been stopped (diffrax fills the saves a stopped solve never reached with
-    ``inf``, which read as a flow that blew up)."""
+    ``inf``, which read as a flow that blew up); so are the ``inf`` saves of a row whose solve
+    failed (stalled, or out of its budget) before reaching them."""
     stop = np.asarray(stop_at, float)[:, None]
+    failed = (np.asarray(arrays.result) != int(diffrax.RESULTS.successful._value))[:, None]
 
     def outside(t):
         t = np.asarray(t)[None, :]
         return (t < starts[:, None]) | (t > stop)
 
     before, pbefore = outside(ts), outside(param_ts)
-    if not before.any() and not pbefore.any():
+    if not before.any() and not pbefore.any() and not failed.any():
         return arrays
 
     def blank(x, mask):  # (B, T, ...) over (B, T); integer leaves (a step count) are left as they are
@@ -365,6 +367,8 @@ def _outside_blank(arrays: FlowArrays, ts, param_ts, starts, stop_at) -> FlowArr
             return x
         x = x.copy()
         x[mask] = np.nan
+        unreached = failed.reshape(failed.shape + (1,) * (x.ndim - 2)) & np.isinf(x)
+        x[unreached] = np.nan
         return x
 
     return arrays._replace(loss=blank(arrays.loss, before), half_norm=blank(arrays.half_norm, before),

@@ -198,7 +198,13 @@ def estimate_hypergradient(
         model = resolve(model, optimizer)  # "rod": its construction, decided before anything is traced
     wrt = list(wrt)
     relieve_map_pressure()
+    reason = flow_kind(model).not_differentiable if model != "discrete" else None
+    if reason is not None and estimator == "auto" and "params0" not in wrt:
+        estimator = "es"  # values only: the one estimator such a flow allows
     settings = _resolve_estimator(estimator, objective, wrt, pairs, width, seed)
+    if reason is not None and settings.name != "es":
+        raise InputError(f"the {model} flow cannot be differentiated: {reason}; use the estimator es "
+                         "(--estimator es), which needs only its values")
     loss_fn, params0 = differentiable(loss_fn, params0)
     check_problem(loss_fn, params0)
     optimizer = optimizer.prepared(params0)

@@ -8,6 +8,7 @@ and the parameters a loss differentiates are decided here and nowhere else; ever
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 from pathlib import Path
@@ -78,11 +79,24 @@ def optax_optimizer(name: str, opt_args: dict, given: dict) -> AbstractOptimizer
     be swept and differentiated like a built-in."""
     from ..optimizers._optax import from_optax, optax_factory
 
-    kwargs = {**{k: v for k, v in given.items() if v is not None}, **opt_args}
-    if "learning_rate" not in kwargs:
-        raise InputError(f"optimizer '{name}' needs a learning rate (--learning-rate or --opt-args learning_rate=...)")
+    given = {k: v for k, v in given.items() if v is not None}
+    twice = sorted(set(given) & set(opt_args))
+    if twice:
+        raise InputError(f"{', '.join(twice)} given twice: as --{twice[0].replace('_', '-')} and in --opt-args; give it once")
+    kwargs = {**given, **opt_args}
     factory = optax_factory(name.split(":", 1)[1])
+    if "learning_rate" not in kwargs and _requires(factory, "learning_rate"):
+        raise InputError(f"optimizer '{name}' needs a learning rate (--learning-rate or --opt-args learning_rate=...)")
     return from_optax(factory, name=name, hyperparameters=kwargs)
+
+
+def _requires(factory, argument: str) -> bool:
+    """Whether ``factory``'s signature has ``argument`` without a default (or cannot be read)."""
+    try:
+        p = inspect.signature(factory).parameters.get(argument)
+    except (TypeError, ValueError):
+        return True
+    return p is not None and p.default is inspect.Parameter.empty
 
 
 def resolve_optimizer(optimizer_name: str, problem: ProblemSpec, given: dict, opt_args: dict | None = None
@@ -184,8 +198,12 @@ def check_problem(loss_fn, params0) -> None:
     if not leaves:
         raise InputError("params0 has no floating-point array leaves")
     for x in leaves:
-        if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
-            raise InputError(f"parameters must be floating-point arrays, got dtype {jnp.asarray(x).dtype}")
+        dtype = jnp.asarray(x).dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise InputError(f"parameters must be floating-point arrays, got dtype {dtype}")
+        if jnp.finfo(dtype).bits < 32:
+            raise InputError(f"parameters must be float32 or float64, got {dtype} (the sharpness probes and the "
+                             "flows' solvers need at least float32; cast them in make(), or run with --float64)")
     try:
         value = loss_fn(params0)
     except Exception as e:  # user code: report, do not crash

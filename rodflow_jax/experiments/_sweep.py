@@ -16,6 +16,8 @@ never spreads NaNs into the others.
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import itertools
 from pathlib import Path
@@ -241,6 +243,12 @@ def resolve_batch_size(batch_size: int | str, num_configurations: int) -> int:
     return max(1, min(rows, num_configurations))
 
 
+def _finite(values: list[float], flag: str, text: str) -> list[float]:
+    if not all(math.isfinite(v) for v in values):
+        raise InputError(f"{flag}: every value must be a finite number, got {text!r}")
+    return values
+
+
 def values_from_range(text: str, flag: str = "value") -> list[float]:
     """``"A:B:N"`` (N evenly spaced values), ``"A:B:N:log"`` (geometric) or ``"v1,v2,..."``."""
     text = text.strip()
@@ -256,11 +264,11 @@ def values_from_range(text: str, flag: str = "value") -> list[float]:
             if log and (a <= 0 or b <= 0):
                 raise InputError(f"{flag}: a log range needs positive ends, got {text!r}")
             vals = np.geomspace(a, b, n) if log else np.linspace(a, b, n)
-            return [float(v) for v in vals]
+            return _finite([float(v) for v in vals], flag, text)
         vals = [float(v) for v in text.split(",") if v.strip()]
         if not vals:
             raise ValueError
-        return vals
+        return _finite(vals, flag, text)
     except InputError:
         raise
     except ValueError:

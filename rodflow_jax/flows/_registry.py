@@ -42,6 +42,8 @@ class FlowKind:
     # the flow a configuration is solved by instead when this one runs out of its step budget
     # (the second-order flows: their first-order flow; rodflow_jax.experiments._engine._fall_back)
     fallback: str | None = None
+    # why its trajectory has no usable derivative (exact hypergradients refuse it), or None
+    not_differentiable: str | None = None
     description: str = ""
 
     def own_options(self, options) -> dict:
@@ -130,6 +132,8 @@ FLOWS: dict[str, FlowKind] = {
                  period_two_start=True, second_order=True, fallback="rod1",
                  description="rod2 without the exact growth along r (the ablation)"),
         FlowKind("central", _from_one_state(central_flow), _central.supports, predicts_variance=True,
+                 not_differentiable="its field solves a complementarity problem on Lanczos eigenpairs, whose "
+                                    "derivatives are not finite (measured: NaN on every problem tried)",
                  description="the time-averaged iterate (Cohen et al. 2025)"),
         FlowKind("inertial", _inertial_start(True), _inertial.supports, models_oscillation=True,
                  predicts_variance=True, description="the inertial rod flow: a rod in velocity form (momentum methods, the Adam family)"),

@@ -203,9 +203,11 @@ def as_hparam(x):
 
 
 def _float(x):
+    if isinstance(x, (bool, str)) or x is None:
+        return x  # a switch or a name stays what it is (not 1.0)
     try:
         return float(x)
-    except (TypeError, jax.errors.ConcretizationTypeError):
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
         return x
 
 

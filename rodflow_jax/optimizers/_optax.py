@@ -471,6 +471,8 @@ def _check_numbers(label: str, factory, kwargs: dict) -> None:
         signature = {}
     for k, v in kwargs.items():
         default = signature[k].default if k in signature else None
+        if isinstance(default, bool) and not isinstance(v, (bool, np.bool_)):
+            raise InputError(f"{label}: {k}={v!r} must be true or false")
         numeric = k == "learning_rate" or (isinstance(default, float) and not isinstance(default, bool))
         if not numeric or callable(v) or isinstance(v, (jax.Array, np.ndarray)):
             continue
@@ -493,8 +495,8 @@ def _float_arguments(factory, kwargs: dict) -> tuple[dict, dict]:
         signature = {}
 
     def floatlike(k, v, default):
-        if isinstance(v, bool) or callable(v) or v is None or (isinstance(default, int) and not isinstance(default, bool)):
-            return False  # an int default (a size, an offset) is structural: static
+        if isinstance(v, bool) or callable(v) or v is None or isinstance(default, int):
+            return False  # an int default (a size, an offset) is structural, a bool one a switch: static
         if isinstance(v, (float, np.floating)) or (isinstance(v, (jax.Array, np.ndarray)) and jnp.ndim(v) == 0
                                                    and jnp.issubdtype(jnp.result_type(v), jnp.floating)):
             return True

@@ -39,6 +39,9 @@ def _import_file(path: str, label: str):
         raise InputError(f"problem file '{path}' cannot be imported as a Python module")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # dataclasses and pickling look modules up here
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:  # as `python file.py` would: the file can import the modules beside it
+        sys.path.insert(0, folder)
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:  # user code: report, don't crash

@@ -118,6 +118,12 @@ def test_compare_any_optax_optimizer(tmp_path, user_file):
     (["--optimizer", "optax:adamw", "--opt-args", "learning_rate=0.1,bogus=1"], "bogus"),
     (["--optimizer", "optax:adamw"], "needs a learning rate"),
     (["--optimizer", "gd", "--opt-args", "learning_rate=0.1"], "--opt-args goes with"),
+    # from the stop-43 QA pass: each was a traceback or a silent choice
+    (["--optimizer", "optax:sgd", "--opt-args", "learning_rate=0.1,momentum=0.5,nesterov=maybe"],
+     "nesterov='maybe' must be true or false"),
+    (["--optimizer", "optax:adam", "--learning-rate", "0.1", "--opt-args", "learning_rate=0.2"],
+     "learning_rate given twice: as --learning-rate and in --opt-args"),
+    (["--seed", "99999999999999999999", "--optimizer", "gd", "--learning-rate", "0.1"], "a seed must lie in 0..4294967295"),
 ])
 def test_bad_optax_input_is_one_line(tmp_path, user_file, args, match, capsys):
     rc = main(["compare", "--problem", f"{user_file}:make", *args, "--steps", "5", "--out", str(tmp_path / "o")])
@@ -133,3 +139,61 @@ def test_repeated_seeds_and_float32_inputs_read_as_typed(capsys):
     assert main(["compare", "--problem", "toy", "--optimizer", "heavy_ball", "--momentum", "-0.1", "--steps", "20",
                  "--no-progress"]) == 2
     assert capsys.readouterr().err == "rodflow: error: momentum must lie in [0, 1), got -0.1\n"
+
+
+@pytest.mark.parametrize("args, match", [
+    # a bool argument was swept as a traced float: TracerBoolConversionError inside optax
+    (["--optimizer", "optax:sgd", "--opt-args", "learning_rate=0.05,momentum=0.9,nesterov=0;1"],
+     "nesterov=0.0 must be true or false"),
+    (["--optimizer", "optax:adamw", "--opt-args", "learning_rate=0.05,weight_decay=1e-3;nan"],
+     "weight_decay: every value must be a finite number"),
+    (["--learning-rate", "0.1,inf"], "--learning-rate: every value must be a finite number"),
+    (["--seeds", "0,5000000000"], "a seed must lie in 0..4294967295, got 5000000000"),
+])
+def test_bad_sweep_input_is_one_line(tmp_path, args, match, capsys):
+    out = tmp_path / "o"
+    rc = main(["sweep", "--problem", "toy", *args, "--steps", "20", "--start-step", "0", "--models", "discrete",
+               "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and match in err, err
+    assert not out.exists()
+
+
+def test_optax_bool_arguments_stay_bools_and_defaults_need_no_learning_rate(tmp_path, capsys):
+    """``nesterov=true`` was recorded as 1.0; a factory whose ``learning_rate`` has a default
+    (prodigy) or that has none (polyak_sgd) was told it 'needs a learning rate'."""
+    out = tmp_path / "o"
+    assert main(["compare", "--problem", "toy", "--optimizer", "optax:sgd", "--opt-args",
+                 "learning_rate=0.1,momentum=0.5,nesterov=true", "--steps", "20", "--start-step", "0",
+                 "--models", "discrete", "--no-progress", "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["optimizer"]["nesterov"] is True
+    from rodflow_jax.experiments._spec import _requires
+    import optax
+    assert _requires(optax.adam, "learning_rate")
+    assert not _requires(optax.contrib.prodigy, "learning_rate") and not _requires(optax.polyak_sgd, "learning_rate")
+
+
+def test_half_precision_parameters_are_refused_up_front():
+    """bfloat16 parameters ran the discrete run, then failed in the probe's eigensolver with a
+    NotImplementedError traceback (float32 runs; under --float64 a problem file's leaves are widened)."""
+    import jax.numpy as jnp
+
+    from rodflow_jax import InputError, compare, make_optimizer
+
+    def loss(p):
+        return jnp.sum(jnp.asarray(p, jnp.float32) ** 2)
+
+    for dtype in (jnp.bfloat16, jnp.float16):
+        with pytest.raises(InputError, match=f"parameters must be float32 or float64, got {jnp.dtype(dtype).name}"):
+            compare(loss, jnp.ones(3, dtype), make_optimizer("gd", learning_rate=0.1), 10, start_step=0,
+                    progress=False)
+
+
+def test_a_problem_file_imports_the_modules_beside_it(tmp_path):
+    """As ``python file.py`` would: a problem file's folder is importable from it."""
+    (tmp_path / "shared_model.py").write_text("import jax.numpy as jnp\nW = jnp.ones(3)\n")
+    (tmp_path / "prob.py").write_text("import jax.numpy as jnp\nfrom shared_model import W\n"
+                                      "def make():\n    return (lambda p: jnp.sum((p - W) ** 2)), jnp.zeros(3)\n")
+    out = tmp_path / "o"
+    assert main(["compare", "--problem", f"{tmp_path / 'prob.py'}:make", "--learning-rate", "0.1", "--steps", "10",
+                 "--start-step", "0", "--models", "discrete", "--no-progress", "--out", str(out)]) == 0

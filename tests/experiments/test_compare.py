@@ -263,3 +263,24 @@ def test_a_diverged_run_reports_no_probe_or_flow_value_after_it():
     assert m["discrete"]["eos_crossing_step"] is None or m["discrete"]["eos_crossing_step"] < k
     for key, values in t.items():
         assert not np.isinf(np.asarray(values, float)).any(), key
+
+
+def test_a_failed_flow_leaves_nan_not_inf_where_it_never_reached():
+    """From the stop-43 QA pass: a stable flow that stalled at step 22 left diffrax's ``inf`` fill
+    in ``stable_loss`` for the rest of the run (a divergence stop already gave NaN)."""
+    import diffrax
+
+    from rodflow_jax.experiments._engine import FlowArrays, _outside_blank
+
+    ts = np.arange(6.0)
+    failed = int(diffrax.RESULTS.max_steps_reached._value)
+    ok = int(diffrax.RESULTS.successful._value)
+    loss = np.array([[1.0, 0.9, np.inf, np.inf, np.inf, np.inf], [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]])
+    arrays = FlowArrays(loss=loss, half_norm=loss.copy(), centre={"w": loss[:, :, None].copy()}, slow=None,
+                        variance=loss.copy(), result=np.array([failed, ok]), num_steps=np.array([2, 5]),
+                        num_rejected_steps=np.zeros(2, int))
+    out = _outside_blank(arrays, ts, ts, np.zeros(2), np.full(2, np.inf))
+    for x in (out.loss, out.half_norm, out.variance, out.centre["w"][..., 0]):
+        assert not np.isinf(x).any()
+        assert np.isnan(x[0, 2:]).all() and np.array_equal(x[0, :2], [1.0, 0.9])
+        assert np.array_equal(x[1], loss[1])

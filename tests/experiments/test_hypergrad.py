@@ -113,4 +113,21 @@ def test_cli_hypergrad_of_a_diverged_run_records_the_step_and_no_gradient(tmp_pa
     assert rc == 0 and res["objective"] is None and res["gradient"] == {"learning_rate": None}
     k = res["diverged_at"]
     assert isinstance(k, int) and 0 < k < 10 and f"diverged at step {k}" in res["message"]
-    assert "is not finite; (exact, 1 run)" in text and f"note: the discrete run diverged at step {k}: no gradient" in text
+    assert "is not finite (exact, 1 run)" in text and f"note: the discrete run diverged at step {k}: no gradient" in text
+
+
+def test_the_central_flow_is_refused_by_the_exact_estimator_and_auto_takes_es(capsys):
+    """From the stop-43 QA pass: ``hypergrad --model central`` printed ``d/dlearning_rate = nan``
+    on every problem (its field's Lanczos and complementarity solve have no finite derivative).
+    The exact estimator now refuses it, naming es; ``auto`` takes es; the kind declares it."""
+    from rodflow_jax.flows import FLOWS
+
+    assert FLOWS["central"].not_differentiable and FLOWS["rod"].not_differentiable is None
+    assert main(["hypergrad", "--problem", "toy", "--steps", "30", "--model", "central", "--estimator", "exact",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the central flow cannot be differentiated" in err and "--estimator es" in err
+    assert main(["hypergrad", "--problem", "toy", "--steps", "30", "--model", "central", "--pairs", "2",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "(es, 4 runs)" in out and "nan" not in out
