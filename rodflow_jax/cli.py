@@ -51,7 +51,7 @@ def _common(numeric_hparams: bool) -> argparse.ArgumentParser:
     for name in HPARAM_FLAGS:
         c.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
                        type=_float(name) if numeric_hparams else str,
-                       help="default: the problem's" if numeric_hparams else "A:B:N[:log] or v1,v2,... "
+                       help="default: the problem's" if numeric_hparams else "A:B:N[:log|:lin] or v1,v2,... "
                        "(default: the problem's)")
     c.add_argument("--steps", type=int, default=None, help="discrete steps (default: the problem's)")
     c.add_argument("--start-step", default="auto", help="step K the flows start from, or 'auto': 0 for GD and "

@@ -244,13 +244,18 @@ def resolve_batch_size(batch_size: int | str, num_configurations: int) -> int:
 
 
 def _finite(values: list[float], flag: str, text: str) -> list[float]:
+    """``values`` if each is finite and none repeats (a repeat would run the same rows twice)."""
     if not all(math.isfinite(v) for v in values):
         raise InputError(f"{flag}: every value must be a finite number, got {text!r}")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise InputError(f"{flag} lists {', '.join(f'{v:g}' for v in twice)} more than once (the rows would repeat)")
     return values
 
 
 def values_from_range(text: str, flag: str = "value") -> list[float]:
-    """``"A:B:N"`` (N evenly spaced values), ``"A:B:N:log"`` (geometric) or ``"v1,v2,..."``."""
+    """``"A:B:N"`` or ``"A:B:N:lin"`` (N evenly spaced values), ``"A:B:N:log"`` (geometric) or
+    ``"v1,v2,..."``: finite, none twice."""
     text = text.strip()
     try:
         if ":" in text:
@@ -260,6 +265,8 @@ def values_from_range(text: str, flag: str = "value") -> list[float]:
             a, b, n = float(parts[0]), float(parts[1]), int(parts[2])
             if n < 1:
                 raise ValueError
+            if n == 1 and a != b:
+                raise InputError(f"{flag}: {text!r} asks for 1 value between two different ends; give N >= 2, or one value")
             log = len(parts) == 4 and parts[3] == "log"
             if log and (a <= 0 or b <= 0):
                 raise InputError(f"{flag}: a log range needs positive ends, got {text!r}")

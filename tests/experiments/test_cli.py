@@ -149,6 +149,8 @@ def test_repeated_seeds_and_float32_inputs_read_as_typed(capsys):
      "weight_decay: every value must be a finite number"),
     (["--learning-rate", "0.1,inf"], "--learning-rate: every value must be a finite number"),
     (["--seeds", "0,5000000000"], "a seed must lie in 0..4294967295, got 5000000000"),
+    (["--learning-rate", "0.3,0.1,0.3"], "--learning-rate lists 0.3 more than once"),
+    (["--learning-rate", "0.1:0.3:1"], "asks for 1 value between two different ends"),
 ])
 def test_bad_sweep_input_is_one_line(tmp_path, args, match, capsys):
     out = tmp_path / "o"
