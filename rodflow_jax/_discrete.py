@@ -171,7 +171,7 @@ def run_discrete(
     """
     from .experiments._engine import rollout_batch
 
-    batch = jax.tree.map(lambda x: jnp.asarray(x)[None], (optimizer, params0))
+    batch = jax.tree.map(lambda x: x if callable(x) else jnp.asarray(x)[None], (optimizer, params0))  # a schedule: as is
     r = rollout_batch(*batch, loss_fn, num_steps, save_steps, chunk_size=chunk_size, progress=progress,
                       desc=f"discrete {optimizer.name}")
     return DiscreteRun.of(r)

@@ -33,9 +33,26 @@ def _flat_problem(loss_fn, params, preconditioner):
 
     if preconditioner is None:
         return f, flat, None
+    _check_preconditioner(preconditioner, params)
     p = ravel_pytree(preconditioner)[0]  # a pytree like params, or one scalar
     inv_sqrt = jnp.broadcast_to(1.0 / jnp.sqrt(p), flat.shape)
     return f, flat, inv_sqrt
+
+
+def _check_preconditioner(preconditioner, params) -> None:
+    """One scalar, or a pytree with ``params``' structure and shapes; positive where its values
+    are concrete. (A dict with one of two keys was broadcast over every parameter, a zero gave NaN.)"""
+    leaves = jax.tree.leaves(preconditioner)
+    scalar = jax.tree_util.treedef_is_leaf(jax.tree.structure(preconditioner)) and jnp.size(leaves[0]) == 1
+    if not scalar:
+        same = jax.tree.structure(preconditioner) == jax.tree.structure(params) and all(
+            jnp.shape(a) == jnp.shape(b) for a, b in zip(leaves, jax.tree.leaves(params)))
+        if not same:
+            raise InputError("preconditioner must be one positive scalar or a pytree shaped like params "
+                             f"({jax.tree.structure(params)}), got {jax.tree.structure(preconditioner)}")
+    concrete = [x for x in leaves if not isinstance(x, jax.core.Tracer)]
+    if concrete and not all(bool(jnp.all(jnp.asarray(x) > 0)) for x in concrete):
+        raise InputError("preconditioner must be positive everywhere (P^-1/2 is taken)")
 
 
 def hessian_vector_product(loss_fn, params):
@@ -119,6 +136,11 @@ def _lanczos_top(f, x, inv_sqrt, num_iter, key, v0):
 def _top_flat(loss_fn, params, k, method, preconditioner, num_iter, key, v0):
     f, x, inv_sqrt = _flat_problem(loss_fn, params, preconditioner)
     n = x.shape[0]
+    if not 1 <= k <= n:
+        raise InputError(f"k must lie in 1..{n} (the number of parameters), got {k}")
+    if method == "lanczos" or (method == "auto" and n > DENSE_MAX_PARAMS):
+        if not k <= min(num_iter, n):
+            raise InputError(f"Lanczos with num_iter={num_iter} gives at most {min(num_iter, n)} eigenvalues, asked for {k}")
     if method == "auto":
         method = "dense" if n <= DENSE_MAX_PARAMS else "lanczos"
     if method == "dense":

@@ -41,6 +41,21 @@ def test_schedule_matches_optax(name):
     np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-12)
 
 
+def test_a_schedule_runs_through_the_drivers():
+    """From the stop-43 API QA pass: a schedule (README: 'a learning rate may also be a schedule')
+    crashed ``run_discrete`` and ``compare``, whose batch of one tried to make the callable an array.
+    The rollout now equals optax's steps and compare runs its flows."""
+    loss, params = tiny_mlp()
+    sched = lambda count: 0.3 / (1.0 + 0.02 * count)  # noqa: E731
+    run = rf.run_discrete(rf.make_optimizer("gd", learning_rate=sched), loss, params, 30)
+    ref = optax_params(OPTAX["gd"](sched), loss, params, 30)
+    np.testing.assert_allclose(np.stack([flat(run.state_at(k)[0].params) for k in range(31)]), ref, rtol=1e-10,
+                               atol=1e-12)
+    c = rf.compare(loss, params, rf.make_optimizer("gd", learning_rate=sched), 30, start_step=0,
+                   models="discrete,rod", progress=False)
+    assert np.isfinite(c.metrics["rod"]["final_loss"]) and not c.metrics["rod"]["failed"]
+
+
 def _scalar_reference(name, loss, params, lr, n, b1=0.9, b2=0.999, decay=0.9, eps=1e-8):
     """Independent numpy reference for the scalar-second-moment variants."""
     x0 = flat(params)

@@ -123,3 +123,24 @@ def test_unknown_method():
     loss, params = tiny_mlp()
     with pytest.raises(rf.InputError, match="unknown sharpness method"):
         rf.top_eigenvalues(loss, params, 1, method="power")
+
+
+def test_bad_preconditioner_and_k_are_refused():
+    """From the stop-43 API QA pass: a preconditioner dict with one of two keys was broadcast over
+    every parameter (a wrong answer, silently), a zero one gave NaN, and k outside 1..n was
+    clamped or, for k = -1, returned n - 1 values."""
+    import rodflow_jax as rf
+    from rodflow_jax import InputError
+
+    loss_fn, params0 = rf.get_problem("toy").make(0)
+    for bad, match in [({"x": 2.0}, "shaped like params"), ([2.0, 3.0], "shaped like params"),
+                       (0.0, "positive everywhere"), ({"x": 1.0, "y": -1.0}, "positive everywhere")]:
+        with pytest.raises(InputError, match=match):
+            rf.top_eigenvalues(loss_fn, params0, preconditioner=bad)
+    for k in (0, -1, 3):
+        with pytest.raises(InputError, match=r"k must lie in 1\.\.2"):
+            rf.top_eigenvalues(loss_fn, params0, k=k)
+    with pytest.raises(InputError, match="at most 1 eigenvalues"):
+        rf.top_eigenvalues(loss_fn, params0, k=2, method="lanczos", num_iter=1)
+    both = rf.top_eigenvalues(loss_fn, params0, preconditioner={"x": 2.0, "y": 2.0})
+    np.testing.assert_allclose(both, rf.top_eigenvalues(loss_fn, params0, preconditioner=2.0), rtol=1e-12)

@@ -160,7 +160,7 @@ def map_rows(f, batched: tuple, shared: tuple = (), mesh: jax.sharding.Mesh | No
     bit-exact, at one compilation per local device (a 4-device sweep in one process: 144 s against
     74 s under ``shard_map``; nothing extra with one device per process). An accelerator mesh
     keeps this ``shard_map``."""
-    g = eqx.filter_vmap(lambda b, s: f(*b, *s), in_axes=(0, None))
+    g = eqx.filter_vmap(lambda b, s: f(*b, *s), in_axes=(eqx.if_array(0), None))  # a schedule leaf: shared
     if mesh is None:
         return g(batched, shared)
     arrays, static = eqx.partition(batched, eqx.is_array)
