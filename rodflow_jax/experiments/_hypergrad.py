@@ -196,7 +196,7 @@ def estimate_hypergradient(
     if model != "discrete":
         flow_kind(model).check(optimizer)
         model = resolve(model, optimizer)  # "rod": its construction, decided before anything is traced
-    wrt = list(wrt)
+    wrt = [wrt] if isinstance(wrt, str) else list(wrt)  # one name, not its letters
     relieve_map_pressure()
     reason = flow_kind(model).not_differentiable if model != "discrete" else None
     if reason is not None and estimator == "auto" and "params0" not in wrt:
@@ -228,6 +228,8 @@ def estimate_hypergradient(
         return smoothed_estimate(f, _sample_value_and_grad(f), optimizer, params0,
                                  {k: float(v) for k, v in x.items()}, settings)
     value, grads = _value_and_grad(f, optimizer, x, params0, "params0" in wrt)
+    if not bool(jnp.isfinite(value)):  # a diverged run's derivative is 0 or NaN, never a slope: NaN
+        grads = jax.tree.map(lambda g: jnp.full_like(g, jnp.nan), grads)
     if "params0" in wrt:
         gx, gp = grads
         out = {**{k: float(v) for k, v in gx.items()}, "params0": gp}

@@ -131,3 +131,16 @@ def test_the_central_flow_is_refused_by_the_exact_estimator_and_auto_takes_es(ca
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "(es, 4 runs)" in out and "nan" not in out
+
+
+def test_the_api_gives_nan_not_zero_for_a_diverged_run_and_takes_one_name():
+    """From the stop-43 API QA pass: ``hypergradient`` returned ``(nan, {'learning_rate': 0.0})``
+    for a run that diverged (a zero reads as 'flat'), and ``wrt="learning_rate"`` was read letter
+    by letter."""
+    loss_fn, p0 = tiny_mlp(0)
+    value, g = hypergradient(loss_fn, p0, make_optimizer("gd", learning_rate=50.0), 30, model="discrete",
+                             objective="final_loss")
+    assert not np.isfinite(value) and np.isnan(g["learning_rate"])
+    value, g = hypergradient(loss_fn, p0, make_optimizer("gd", learning_rate=LR), 10, model="discrete",
+                             objective="final_loss", wrt="learning_rate")
+    assert set(g) == {"learning_rate"} and np.isfinite(g["learning_rate"])
