@@ -170,6 +170,9 @@ def run_discrete(
     first such step, never raised.
     """
     from .experiments._engine import rollout_batch
+    from .experiments._spec import check_single_optimizer
+
+    check_single_optimizer(optimizer, "run_discrete")
 
     batch = jax.tree.map(lambda x: x if callable(x) else jnp.asarray(x)[None], (optimizer, params0))  # a schedule: as is
     r = rollout_batch(*batch, loss_fn, num_steps, save_steps, chunk_size=chunk_size, progress=progress,

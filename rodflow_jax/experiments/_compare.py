@@ -20,7 +20,7 @@ from .._integrate import SolverConfig
 from ..optimizers import AbstractOptimizer, describe
 from ._evaluate import Evaluation, batch_of_one, evaluate
 from ._records import run_record
-from ._spec import DEFAULT_MODELS, check_problem, differentiable, resolve_models, resolve_start, resolve_steps
+from ._spec import DEFAULT_MODELS, check_problem, check_single_optimizer, differentiable, resolve_models, resolve_start, resolve_steps
 
 
 @dataclasses.dataclass
@@ -164,6 +164,7 @@ def compare(
     floats at most) and the loss function it ran. Off by default, so that holding many
     comparisons does not hold their runs.
     """
+    check_single_optimizer(optimizer, "compare")
     source = _source(loss_fn, params0, optimizer, num_steps, probe_every, top_k, sharpness_method, param_budget)
     num_steps = resolve_steps(num_steps, num_steps)
     models = resolve_models(models, optimizer)

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._errors import InputError
 from ..flows import FLOW_KINDS, flow_kind
@@ -99,6 +100,20 @@ def _requires(factory, argument: str) -> bool:
     return p is not None and p.default is inspect.Parameter.empty
 
 
+def check_single_optimizer(optimizer, where: str) -> None:
+    """:class:`InputError` unless ``optimizer`` is one optimizer: an :class:`AbstractOptimizer`
+    (not a name or an optax transformation) whose hyperparameters are scalars (not a vmapped
+    batch, which ``sweep`` makes from a grid)."""
+    if not isinstance(optimizer, AbstractOptimizer):
+        raise InputError(f"{where} takes an optimizer from rf.make_optimizer(...) or rf.from_optax(...), "
+                         f"got {type(optimizer).__name__}")
+    batched = {k: jnp.shape(v) for k, v in optimizer.hyperparameters().items()
+               if not callable(v) and isinstance(v, (jax.Array, np.ndarray)) and jnp.ndim(v) > 0}
+    if batched:
+        raise InputError(f"{where} runs one optimizer; this one holds a batch of hyperparameters "
+                         f"({', '.join(f'{k} {v}' for k, v in batched.items())}): give sweep a grid of values instead")
+
+
 def resolve_optimizer(optimizer_name: str, problem: ProblemSpec, given: dict, opt_args: dict | None = None
                       ) -> AbstractOptimizer:
     if optimizer_name.startswith("optax:"):
@@ -116,6 +131,8 @@ def grid_optimizers(optimizer_name, problem: ProblemSpec, configs: Sequence[dict
     naming what can be swept)."""
     grid_names = list(dict.fromkeys(k for c in configs for k in c))
     first = configs[0] if configs else {}
+    if not isinstance(optimizer_name, str):
+        check_single_optimizer(optimizer_name, "sweep")
     if isinstance(optimizer_name, AbstractOptimizer):
         if opt_args:
             raise InputError("opt_args go with an optimizer name optax:NAME, not an optimizer")

@@ -284,3 +284,22 @@ def test_a_failed_flow_leaves_nan_not_inf_where_it_never_reached():
         assert not np.isinf(x).any()
         assert np.isnan(x[0, 2:]).all() and np.array_equal(x[0, :2], [1.0, 0.9])
         assert np.array_equal(x[1], loss[1])
+
+
+def test_a_batch_of_optimizers_or_a_non_optimizer_is_refused_in_one_line():
+    """From the stop-43 API QA pass: a vmapped batch of optimizers failed deep in a scan
+    ('carry input and carry output must have equal types'), a name or an optax transformation
+    with an AttributeError or a dtype TypeError."""
+    import optax
+
+    from rodflow_jax import InputError, compare, make_optimizer, run_discrete, sweep
+
+    loss_fn, params0 = rf.get_problem("toy").make(0)
+    opts = jax.vmap(lambda lr: make_optimizer("gd", learning_rate=lr))(jnp.array([0.3, 0.4]))
+    for call in (lambda: compare(loss_fn, params0, opts, 20, progress=False),
+                 lambda: sweep("toy", opts, None, num_steps=20), lambda: run_discrete(opts, loss_fn, params0, 20)):
+        with pytest.raises(InputError, match=r"holds a batch of hyperparameters \(learning_rate \(2,\)\)"):
+            call()
+    for bad in ("gd", optax.adam(0.1)):
+        with pytest.raises(InputError, match="takes an optimizer from rf.make_optimizer"):
+            run_discrete(bad, loss_fn, params0, 20)
