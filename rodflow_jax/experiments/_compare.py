@@ -20,7 +20,8 @@ from .._integrate import SolverConfig
 from ..optimizers import AbstractOptimizer, describe
 from ._evaluate import Evaluation, batch_of_one, evaluate
 from ._records import run_record
-from ._spec import DEFAULT_MODELS, check_problem, check_single_optimizer, differentiable, resolve_models, resolve_start, resolve_steps
+from ._spec import (DEFAULT_MODELS, check_problem, check_single_optimizer, differentiable, resolve_models,
+                    resolve_start, resolve_steps)
 
 
 @dataclasses.dataclass

@@ -16,10 +16,9 @@ never spreads NaNs into the others.
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
 import itertools
+import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
