@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._errors import InputError
 from ._tree import tree_all_finite, tree_norm, tree_sub, tree_where
 from .optimizers import AbstractOptimizer, Phase, Slow
 
@@ -173,6 +174,8 @@ def run_discrete(
     from .experiments._spec import check_single_optimizer
 
     check_single_optimizer(optimizer, "run_discrete")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
+        raise InputError(f"num_steps must be a non-negative integer, got {num_steps!r}")
 
     batch = jax.tree.map(lambda x: x if callable(x) else jnp.asarray(x)[None], (optimizer, params0))  # a schedule: as is
     r = rollout_batch(*batch, loss_fn, num_steps, save_steps, chunk_size=chunk_size, progress=progress,

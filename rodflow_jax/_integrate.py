@@ -14,6 +14,7 @@ import lineax as lx
 import numpy as np
 import optimistix as optx
 
+from ._errors import InputError
 from ._tree import tree_all_finite, tree_norm
 from .flows import AbstractFlow, SecondOrderFlow, StableFlow
 from .optimizers import AbstractAdaptiveOptimizer
@@ -635,6 +636,8 @@ def integrate(
     parameters and slow state at ``param_steps`` (default: every step). A failed solve (step
     budget exhausted, non-finite state) is reported in ``failed``/``failed_at``, never raised.
     """
+    if not end_step > start_step:
+        raise InputError(f"end_step must come after start_step, got {start_step} .. {end_step}")
     dtype = jax.tree.leaves(y0)[0].dtype
     if config is None:
         config = default_solver(flow, dtype)

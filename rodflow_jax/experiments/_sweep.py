@@ -37,6 +37,7 @@ from ._sharding import config_sharding, pad_and_shard
 from ._spec import (
     DEFAULT_MODELS,
     check_problem,
+    check_single_optimizer,
     differentiable,
     grid_optimizers,
     resolve_models,
@@ -96,10 +97,15 @@ class SweepResult:
         return Path(out_dir)
 
 
-def _check_grid(grid: dict) -> None:
+def _check_grid(grid: dict) -> dict:
+    """``grid`` with each entry a list of values (one number is a list of one); none empty."""
+    out = {}
     for name, values in grid.items():
+        values = [values] if np.ndim(values) == 0 else list(np.asarray(values).ravel().tolist())
         if len(values) == 0:
             raise InputError(f"no values given for {name}")
+        out[name] = values
+    return out
 
 
 def sweep(
@@ -148,12 +154,15 @@ def sweep(
     its rows in calls of this size, the last call padded, so a row's numbers do not depend on the
     layout (:func:`~._engine.row_blocks`).
     """
-    grid = dict(grid or {})
+    if not isinstance(optimizer_name, str):
+        check_single_optimizer(optimizer_name, "sweep")
+    grid = _check_grid(dict(grid or {}))
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     label = optimizer_name if isinstance(optimizer_name, str) else optimizer_name.name
     spec = resolve_problem(problem, label)
-    _check_grid(grid)
     num_steps = resolve_steps(num_steps, spec.default_steps)
+    if isinstance(seeds, (int, np.integer)):
+        raise InputError(f"seeds must be a list of seeds, e.g. range({seeds}) or [{seeds}], got the number {seeds}")
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise InputError("at least one seed is needed")

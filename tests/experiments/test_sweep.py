@@ -218,3 +218,30 @@ def test_a_diverged_row_is_marked_on_the_sweep_figures():
     assert line.get_label() == "discrete diverged (2 runs)"
     assert list(line.get_xdata()) == [0.4, 0.5]
     plt.close(fig)
+
+
+def test_api_inputs_that_raised_raw_exceptions_are_one_input_error():
+    """From the stop-43 API QA pass: ``sweep(..., {"learning_rate": 0.3})`` raised 'float has no
+    len()', ``seeds=2`` 'int is not iterable', an optax transformation an AttributeError;
+    ``run_discrete`` with ``num_steps=-1`` a TypeError; ``integrate`` backwards diffrax's 'Empty saveat'."""
+    import optax
+
+    import rodflow_jax as rf
+    from rodflow_jax import InputError
+
+    one = rf.sweep("toy", "gd", {"learning_rate": 0.3}, num_steps=20, models=("discrete",), start_step=0)
+    assert [r["hyperparameters"]["learning_rate"] for r in one.records] == [0.3]
+    with pytest.raises(InputError, match=r"seeds must be a list of seeds, e.g. range\(2\)"):
+        rf.sweep("toy", "gd", None, seeds=2, num_steps=20)
+    with pytest.raises(InputError, match="takes an optimizer from rf.make_optimizer"):
+        rf.sweep("toy", optax.adam(0.1), None, num_steps=20)
+    loss_fn, params0 = rf.get_problem("toy").make(0)
+    opt = rf.make_optimizer("gd", learning_rate=0.3)
+    for n in (-1, 2.5, True):
+        with pytest.raises(InputError, match="num_steps must be a non-negative integer"):
+            rf.run_discrete(opt, loss_fn, params0, n)
+    run = rf.run_discrete(opt, loss_fn, params0, 12)
+    (z0, s0), (z1, s1) = run.state_at(4), run.state_at(5)
+    flow, y0 = rf.rod_flow(opt, loss_fn, z0, s0, z1, s1)
+    with pytest.raises(InputError, match="end_step must come after start_step"):
+        rf.integrate(flow, y0, 10, 4)
