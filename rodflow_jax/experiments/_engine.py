@@ -30,11 +30,18 @@ from ._sharding import place, to_host
 
 def stack_trees(trees):
     """Stack like-structured pytrees along a new leading axis (array leaves; other leaves, e.g. a
-    schedule, must be shared and are taken from the first)."""
+    schedule, must be shared and are taken from the first).
+
+    Concrete leaves are stacked on the host: ``jnp.stack`` of B arrays compiles one B-operand
+    concatenation, whose compile time grows faster than B (measured: 0.38 s for 1,024 scalars,
+    9.5 s for 8,192, and a 100,000-configuration sweep sat in it for minutes without a word),
+    where ``np.stack`` takes 0.016 s and 0.083 s."""
     def one(*xs):
-        if eqx.is_array_like(xs[0]) and not callable(xs[0]):
+        if not (eqx.is_array_like(xs[0]) and not callable(xs[0])):
+            return xs[0]
+        if any(isinstance(x, jax.core.Tracer) for x in xs):
             return jnp.stack([jnp.asarray(x) for x in xs])
-        return xs[0]
+        return jnp.asarray(np.stack([np.asarray(x) for x in xs]), dtype=jnp.result_type(xs[0]))
 
     return jax.tree.map(one, *trees)
 
