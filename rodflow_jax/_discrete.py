@@ -171,13 +171,13 @@ def run_discrete(
     first such step, never raised.
     """
     from .experiments._engine import rollout_batch
+    from .experiments._evaluate import batch_of_one
     from .experiments._spec import check_single_optimizer
 
     check_single_optimizer(optimizer, "run_discrete")
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
         raise InputError(f"num_steps must be a non-negative integer, got {num_steps!r}")
 
-    batch = jax.tree.map(lambda x: x if callable(x) else jnp.asarray(x)[None], (optimizer, params0))  # a schedule: as is
-    r = rollout_batch(*batch, loss_fn, num_steps, save_steps, chunk_size=chunk_size, progress=progress,
+    r = rollout_batch(*batch_of_one(optimizer, params0), loss_fn, num_steps, save_steps, chunk_size=chunk_size, progress=progress,
                       desc=f"discrete {optimizer.name}")
     return DiscreteRun.of(r)

@@ -131,8 +131,6 @@ def grid_optimizers(optimizer_name, problem: ProblemSpec, configs: Sequence[dict
     naming what can be swept)."""
     grid_names = list(dict.fromkeys(k for c in configs for k in c))
     first = configs[0] if configs else {}
-    if not isinstance(optimizer_name, str):
-        check_single_optimizer(optimizer_name, "sweep")
     if isinstance(optimizer_name, AbstractOptimizer):
         if opt_args:
             raise InputError("opt_args go with an optimizer name optax:NAME, not an optimizer")

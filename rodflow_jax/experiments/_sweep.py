@@ -101,7 +101,7 @@ def _check_grid(grid: dict) -> dict:
     """``grid`` with each entry a list of values (one number is a list of one); none empty."""
     out = {}
     for name, values in grid.items():
-        values = [values] if np.ndim(values) == 0 else list(np.asarray(values).ravel().tolist())
+        values = [values] if np.ndim(values) == 0 else np.asarray(values).ravel().tolist()
         if len(values) == 0:
             raise InputError(f"no values given for {name}")
         out[name] = values
