@@ -172,9 +172,10 @@ def run_discrete(
     """
     from .experiments._engine import rollout_batch
     from .experiments._evaluate import batch_of_one
-    from .experiments._spec import check_single_optimizer
+    from .experiments._spec import check_loss_shape, check_single_optimizer
 
     check_single_optimizer(optimizer, "run_discrete")
+    check_loss_shape(loss_fn, params0)
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
         raise InputError(f"num_steps must be a non-negative integer, got {num_steps!r}")
 

@@ -42,7 +42,7 @@ class Comparison:
         from .._plot import plot_comparison
         from ._output import output_dir, write_json, write_npz
 
-        with output_dir(out_dir, overwrite=overwrite) as tmp:
+        with output_dir(out_dir, overwrite=overwrite, flag="out_dir") as tmp:
             write_json(tmp / "metrics.json", self.metrics)
             write_json(tmp / "timings.json", self.timings)
             write_npz(tmp / "trajectories.npz", self.trajectories)

@@ -71,18 +71,31 @@ def _first_existing(path: Path) -> Path:
     return p
 
 
+def _overwrite_hint(flag: str) -> str:
+    """How to ask for a replacement: the CLI's flag, or the Python argument (``flag`` names the
+    argument when the caller is the Python API, e.g. ``out_dir``)."""
+    return "pass --overwrite" if flag.startswith("--") else "pass overwrite=True"
+
+
+def _as_path(out, flag: str, what: str) -> Path:
+    """``out`` as an absolute path; one :class:`InputError` for an empty name or a non-path."""
+    if out is None or (isinstance(out, str) and out.strip() == ""):
+        raise InputError(f"{flag} needs a {what} name")
+    if not isinstance(out, (str, os.PathLike)):
+        raise InputError(f"{flag} must be a {what} path (a str or a pathlib.Path), got {type(out).__name__} {out!r}")
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(out))))
+
+
 def check_output(out, *, overwrite: bool = False, flag: str = "--out") -> Path:
     """The absolute output folder, or one :class:`InputError` saying why it cannot be used."""
-    if out is None or str(out).strip() == "":
-        raise InputError(f"{flag} needs a folder name")
-    path = Path(os.path.abspath(os.path.expanduser(str(out))))
+    path = _as_path(out, flag, "folder")
     if path.exists() and not path.is_dir():
         raise InputError(f"{flag} {out} is an existing file; it is never replaced: choose a folder name")
     if path.is_dir() and any(path.iterdir()):
         if path == Path.cwd() or path in Path.cwd().parents:
             raise InputError(f"{flag} {out} is the current folder (or holds it) and is not empty: name a new folder")
         if not overwrite:
-            raise InputError(f"{flag} {out} exists and is not empty; pass --overwrite to replace it")
+            raise InputError(f"{flag} {out} exists and is not empty; {_overwrite_hint(flag)} to replace it")
     _check_writable(out, path, flag)
     return path
 
@@ -125,9 +138,10 @@ def _stale(parent: Path, name: str) -> None:
 
 
 @contextlib.contextmanager
-def output_dir(out, *, overwrite: bool = False):
-    """Yield a temporary folder; on success it becomes ``out`` (see the module docstring)."""
-    path = check_output(out, overwrite=overwrite)
+def output_dir(out, *, overwrite: bool = False, flag: str = "--out"):
+    """Yield a temporary folder; on success it becomes ``out`` (see the module docstring).
+    ``flag`` names ``out`` in messages: the CLI's flag, or the Python argument."""
+    path = check_output(out, overwrite=overwrite, flag=flag)
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=_umask_mode())
         _stale(path.parent, path.name)
@@ -181,13 +195,11 @@ def wait_for_swap() -> None:
 def check_output_file(out, *, overwrite: bool = False, flag: str = "--out") -> Path:
     """The absolute output *file* path, by the same rules: an existing file only with
     ``overwrite``, never a folder, and a parent that can be written."""
-    if out is None or str(out).strip() == "":
-        raise InputError(f"{flag} needs a file name")
-    path = Path(os.path.abspath(os.path.expanduser(str(out))))
+    path = _as_path(out, flag, "file")
     if path.is_dir():
         raise InputError(f"{flag} {out} is a folder; name a file")
     if path.exists() and not overwrite:
-        raise InputError(f"{flag} {out} exists; pass --overwrite to replace it")
+        raise InputError(f"{flag} {out} exists; {_overwrite_hint(flag)} to replace it")
     _check_writable(out, path, flag)
     return path
 

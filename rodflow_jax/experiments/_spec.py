@@ -206,9 +206,40 @@ def differentiable(loss_fn, params0):
     return loss, arrays
 
 
+def check_loss_shape(loss_fn, params0) -> None:
+    """Raise :class:`InputError` unless ``params0`` has floating leaves and ``loss_fn`` maps it to
+    a real scalar (traced, not computed: a loss that is not finite at ``params0`` is a result for
+    the driver to record, not an input error). Half-precision parameters pass: a discrete run
+    needs no probe or solver."""
+    _check_params(params0, half_ok=True)
+    try:
+        out = jax.eval_shape(loss_fn, params0)
+    except Exception as e:  # user code: report, do not crash
+        raise InputError(f"loss_fn(params0) raised {type(e).__name__}: {e}") from None
+    _check_scalar(getattr(out, "shape", None), out)
+
+
+def _check_scalar(shape, value) -> None:
+    if shape is None:
+        raise InputError(f"loss_fn must return a scalar array, got {type(value).__name__}")
+    if shape != ():
+        raise InputError(f"loss_fn must return a scalar, got shape {shape}")
+
+
 def check_problem(loss_fn, params0) -> None:
     """Raise :class:`InputError` unless ``params0`` has floating leaves and ``loss_fn(params0)``
     is a finite real scalar."""
+    _check_params(params0)
+    try:
+        value = loss_fn(params0)
+    except Exception as e:  # user code: report, do not crash
+        raise InputError(f"loss_fn(params0) raised {type(e).__name__}: {e}") from None
+    _check_scalar(jnp.shape(value), value)
+    if not bool(jnp.isfinite(value)):
+        raise InputError(f"loss is not finite at the initial parameters ({float(value)})")
+
+
+def _check_params(params0, half_ok: bool = False) -> None:
     leaves = jax.tree.leaves(params0)
     if not leaves:
         raise InputError("params0 has no floating-point array leaves")
@@ -216,18 +247,9 @@ def check_problem(loss_fn, params0) -> None:
         dtype = jnp.asarray(x).dtype
         if not jnp.issubdtype(dtype, jnp.floating):
             raise InputError(f"parameters must be floating-point arrays, got dtype {dtype}")
-        if jnp.finfo(dtype).bits < 32:
+        if jnp.finfo(dtype).bits < 32 and not half_ok:
             raise InputError(f"parameters must be float32 or float64, got {dtype} (the sharpness probes and the "
                              "flows' solvers need at least float32; cast them in make(), or run with --float64)")
-    try:
-        value = loss_fn(params0)
-    except Exception as e:  # user code: report, do not crash
-        raise InputError(f"loss_fn(params0) raised {type(e).__name__}: {e}") from None
-    shape = jnp.shape(value)
-    if shape != ():
-        raise InputError(f"loss_fn must return a scalar, got shape {shape}")
-    if not bool(jnp.isfinite(value)):
-        raise InputError(f"loss is not finite at the initial parameters ({float(value)})")
 
 
 def default_out(command: str, problem: ProblemSpec, optimizer_name: str) -> Path:

@@ -88,7 +88,7 @@ class SweepResult:
         from .._sweep_plot import plot_sweep
         from ._output import output_dir, write_json, write_npz
 
-        with output_dir(out_dir, overwrite=overwrite) as tmp:
+        with output_dir(out_dir, overwrite=overwrite, flag="out_dir") as tmp:
             write_json(tmp / "sweep.json", self.records)
             write_json(tmp / "sweep_info.json", self.info)
             write_json(tmp / "timings.json", self.timings)

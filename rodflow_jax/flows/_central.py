@@ -62,7 +62,7 @@ from .._sharpness import lanczos, optimizer_sharpness
 from .._tree import tree_sub
 from ..optimizers import GD, AbstractOptimizer, AbstractRMSProp, Phase, Slow
 from ..optimizers._base import ema, second_moment_feed
-from ._base import AbstractFlow, slow_scale
+from ._base import AbstractFlow, check_states, slow_scale
 from ._complementarity import _eigh, solve_psd_complementarity, sym_basis, to_mat, to_vec
 
 _HI = jax.lax.Precision.HIGHEST
@@ -278,6 +278,7 @@ def central_flow(
     eigenvectors at ``z0`` plus an equal-weight fixed random vector.
     """
     check_supported(optimizer)
+    check_states("central_flow", z0=z0, s0=s0, s1=s1)
     x = ravel_pytree(z0.params)[0]
     check_central_options(x.size, k=k, num_iter=num_iter, restoring=restoring)
     warm = jnp.sum(_initial_directions(optimizer, loss_fn, z0.params, s0, k), axis=1)

@@ -51,7 +51,7 @@ from .._errors import InputError
 from .._host import to_host
 from .._tree import tree_add, tree_mean2, tree_norm, tree_stack2, tree_sub, tree_unstack2, tree_zeros_like
 from ..optimizers import AbstractMomentumMethod, AbstractOptimizer, Phase, Slow
-from ._base import AbstractFlow, over_endpoints, slow_scale
+from ._base import AbstractFlow, check_states, over_endpoints, slow_scale
 
 
 class InertialState(NamedTuple):
@@ -187,6 +187,7 @@ def inertial_flow(
     was on time with either start (``benchmarks/period_two_start.py --models inertial``, 600 steps).
     """
     check_inertial(optimizer)
+    check_states("inertial_flow", z0=z0, s0=s0, z1=z1, s1=s1)
     grad = jax.grad(loss_fn)
     z2, s2 = optimizer.step(z1, s1, grad(z1.params))
     z3, _ = optimizer.step(z2, s2, grad(z2.params))

@@ -67,7 +67,7 @@ from .._tree import (
     tree_add, tree_axpy, tree_half_diff, tree_mean2, tree_norm, tree_stack2, tree_sub, tree_sum_squares, tree_unstack2,
 )
 from ..optimizers import AbstractOptimizer, Phase, Slow
-from ._base import AbstractFlow, over_endpoints, slow_scale
+from ._base import AbstractFlow, check_states, over_endpoints, slow_scale
 from ._rounding import step_rounding
 
 _SIGNS = (1.0, -1.0)
@@ -240,6 +240,7 @@ def rod_flow(
     solver's floor on ``r`` (``atol``) is at that level already. The registry's ``rod1`` runs
     without it: its solver holds ``r`` to ``atol``, far above the seed.
     """
+    check_states("rod_flow", z0=z0, s0=s0, z1=z1, s1=s1)
     slow = tree_mean2(s0, s1)
     centre = tree_mean2(z0, z1)
     # float64 only: in float32 the solver holds r to atol, which is where its rounding seed sits already

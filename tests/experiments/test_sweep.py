@@ -245,3 +245,35 @@ def test_api_inputs_that_raised_raw_exceptions_are_one_input_error():
     flow, y0 = rf.rod_flow(opt, loss_fn, z0, s0, z1, s1)
     with pytest.raises(InputError, match="end_step must come after start_step"):
         rf.integrate(flow, y0, 10, 4)
+
+
+def test_api_misuse_left_at_stop_43_gets_one_clear_error(tmp_path):
+    """Left from the stop-43 API QA pass: dicts given to ``rod_flow`` for its states (an
+    AttributeError deep inside), ``Comparison.save(5)`` (a folder named "5"), a vector loss given
+    straight to ``run_discrete`` (jax's 'Gradient only defined for scalar-output functions'),
+    and ``save`` on a full folder telling a Python caller to pass ``--overwrite``."""
+    import jax.numpy as jnp
+
+    import rodflow_jax as rf
+    from rodflow_jax import InputError
+
+    loss_fn, params0 = rf.get_problem("toy").make(0)
+    opt = rf.make_optimizer("gd", learning_rate=0.3)
+    run = rf.run_discrete(opt, loss_fn, params0, 6)
+    (z0, s0), (z1, s1) = run.state_at(2), run.state_at(3)
+    with pytest.raises(TypeError, match=r"rod_flow: z0 must be a Phase \(as run_discrete"):
+        rf.rod_flow(opt, loss_fn, {"params": z0.params}, s0, z1, s1)
+    with pytest.raises(TypeError, match="stable_flow: s1 must be a Slow"):
+        rf.stable_flow(opt, loss_fn, z0, s0, dict(s1._asdict()))
+    with pytest.raises(InputError, match="loss_fn must return a scalar, got shape"):
+        rf.run_discrete(opt, lambda p: jnp.stack([loss_fn(p), loss_fn(p)]), params0, 3)
+    nan_start = rf.run_discrete(opt, lambda p: loss_fn(p) * jnp.nan, params0, 3)
+    assert nan_start.diverged_at == 0  # a result, recorded; not an input error
+
+    cmp = rf.compare(loss_fn, params0, opt, 30, models=("discrete",), start_step=0)
+    with pytest.raises(InputError, match=r"out_dir must be a folder path \(a str or a pathlib.Path\), got int 5"):
+        cmp.save(5)
+    cmp.save(tmp_path / "a")
+    with pytest.raises(InputError, match=r"out_dir .* exists and is not empty; pass overwrite=True to replace it"):
+        cmp.save(tmp_path / "a")
+    cmp.save(tmp_path / "a", overwrite=True)
