@@ -62,9 +62,15 @@ def loss_scale(ax, *series) -> None:
 
 
 def _mark_divergence(ax, metrics) -> None:
+    """A dotted line where the discrete run diverged, and one in a flow's colour where that flow
+    failed (its solver stalled or ran out of budget: its curves end there)."""
     d = metrics.get("discrete", {})
     if d.get("diverged"):
         ax.axvline(d["diverged_at"], color="red", lw=1.0, ls=":", label=f"discrete diverged at step {d['diverged_at']}")
+    for m in FLOW_NAMES:
+        f = metrics.get(m) or {}
+        if f.get("failed") and f.get("failed_at") is not None and f["failed_at"] != d.get("diverged_at"):
+            ax.axvline(f["failed_at"], color=COLORS[m], lw=1.0, ls="-.", label=f"{m} flow failed at step {f['failed_at']}")
 
 
 def _loss_panel(ax, traj, metrics):
@@ -128,7 +134,8 @@ def _error_panel(ax, traj, metrics):
     ax.set_ylabel("||centre - mid_k|| / ||mid_k - mid_K||")
     ax.axvline(metrics["start_step"], color="0.7", lw=0.8)
     _mark_divergence(ax, metrics)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a run with no flow has no error curve to name
+        ax.legend(fontsize=7)
 
 
 PANELS = {"loss": _loss_panel, "sharpness": _sharpness_panel, "param_error": _error_panel}

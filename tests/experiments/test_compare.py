@@ -303,3 +303,24 @@ def test_a_batch_of_optimizers_or_a_non_optimizer_is_refused_in_one_line():
     for bad in ("gd", optax.adam(0.1)):
         with pytest.raises(InputError, match="takes an optimizer from rf.make_optimizer"):
             run_discrete(bad, loss_fn, params0, 20)
+
+
+def test_loss_plot_marks_where_a_failed_flow_stopped():
+    """A flow that failed (stalled, out of budget) has no curve past ``failed_at``; the panels draw
+    a line there in its colour, as they do for a diverged discrete run (stop-43 QA: the failure
+    was only in metrics.json)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rodflow_jax._plot import COLORS, _mark_divergence
+
+    metrics = {"discrete": {"diverged": False}, "stable": {"failed": True, "failed_at": 22},
+               "rod": {"failed": False, "failed_at": None}}
+    fig, ax = plt.subplots()
+    _mark_divergence(ax, metrics)
+    (line,) = ax.get_lines()
+    assert line.get_label() == "stable flow failed at step 22" and list(line.get_xdata()) == [22, 22]
+    assert line.get_color() == COLORS["stable"]
+    plt.close(fig)
