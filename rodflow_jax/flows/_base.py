@@ -25,15 +25,15 @@ def slow_scale(slow: Slow) -> Slow:
     return Slow(jnp.ones_like(slow.count), nu)
 
 
-def check_states(fn: str, **states) -> None:
-    """Raise one ``TypeError`` unless each named state is the type a discrete run hands out
-    (``run.state_at(k)`` returns a ``(Phase, Slow)`` pair): a dict or a bare pytree in their place
-    would otherwise fail deep inside the flow with an attribute error."""
-    for name, value in states.items():
-        want = Phase if name.startswith("z") else Slow
-        if not isinstance(value, want):
-            raise TypeError(f"{fn}: {name} must be a {want.__name__} (as run_discrete(...).state_at(k) returns), "
-                            f"got {type(value).__name__}")
+def check_states(fn: str, phases: dict, slows: dict) -> None:
+    """Raise one ``TypeError`` unless each of ``phases`` is a :class:`Phase` and each of ``slows``
+    a :class:`Slow` (``run.state_at(k)`` returns such a pair): a dict or a bare pytree in their
+    place would otherwise fail deep inside the flow with an attribute error."""
+    for want, states in ((Phase, phases), (Slow, slows)):
+        for name, value in states.items():
+            if not isinstance(value, want):
+                raise TypeError(f"{fn}: {name} must be a {want.__name__} (as run_discrete(...).state_at(k) returns), "
+                                f"got {type(value).__name__}")
 
 
 def _apply(slow: Slow, scale: Slow, op) -> Slow:

@@ -278,7 +278,7 @@ def central_flow(
     eigenvectors at ``z0`` plus an equal-weight fixed random vector.
     """
     check_supported(optimizer)
-    check_states("central_flow", z0=z0, s0=s0, s1=s1)
+    check_states("central_flow", {"z0": z0}, {"s0": s0, "s1": s1})
     x = ravel_pytree(z0.params)[0]
     check_central_options(x.size, k=k, num_iter=num_iter, restoring=restoring)
     warm = jnp.sum(_initial_directions(optimizer, loss_fn, z0.params, s0, k), axis=1)

@@ -187,7 +187,7 @@ def inertial_flow(
     was on time with either start (``benchmarks/period_two_start.py --models inertial``, 600 steps).
     """
     check_inertial(optimizer)
-    check_states("inertial_flow", z0=z0, s0=s0, z1=z1, s1=s1)
+    check_states("inertial_flow", {"z0": z0, "z1": z1}, {"s0": s0, "s1": s1})
     grad = jax.grad(loss_fn)
     z2, s2 = optimizer.step(z1, s1, grad(z1.params))
     z3, _ = optimizer.step(z2, s2, grad(z2.params))

@@ -240,7 +240,7 @@ def rod_flow(
     solver's floor on ``r`` (``atol``) is at that level already. The registry's ``rod1`` runs
     without it: its solver holds ``r`` to ``atol``, far above the seed.
     """
-    check_states("rod_flow", z0=z0, s0=s0, z1=z1, s1=s1)
+    check_states("rod_flow", {"z0": z0, "z1": z1}, {"s0": s0, "s1": s1})
     slow = tree_mean2(s0, s1)
     centre = tree_mean2(z0, z1)
     # float64 only: in float32 the solver holds r to atol, which is where its rounding seed sits already

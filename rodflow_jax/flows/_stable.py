@@ -51,6 +51,6 @@ def stable_flow(
     optimizer: AbstractOptimizer, loss_fn, z0: Phase, s0: Slow, s1: Slow
 ) -> tuple[StableFlow, StableState]:
     """The stable flow started at the discrete state ``(z0, s0)`` (``s1`` sets the scale)."""
-    check_states("stable_flow", z0=z0, s0=s0, s1=s1)
+    check_states("stable_flow", {"z0": z0}, {"s0": s0, "s1": s1})
     flow = StableFlow(optimizer, loss_fn, slow_scale(s1))
     return flow, StableState(z0, flow.scaled(s0))
