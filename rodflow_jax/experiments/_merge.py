@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -101,8 +102,8 @@ def _read_shard(d) -> dict:
         with np.load(path / "sweep_arrays.npz") as z:
             arrays = {k: z[k] for k in z.files}
         timings = json.loads((path / "timings.json").read_text()) if (path / "timings.json").is_file() else {}
-    except (OSError, ValueError) as e:
-        raise InputError(f"{d}: cannot read the sweep ({e})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a truncated .npz is a BadZipFile
+        raise InputError(f"{d}: cannot read the sweep ({type(e).__name__}: {e})") from None
     shard = info.get("shard") if isinstance(info, dict) else None
     if not isinstance(shard, dict) or "fingerprint" not in info:
         raise InputError(f"{d} is not a sweep shard (its sweep_info.json has no shard entry: "
@@ -119,17 +120,18 @@ def _read_shard(d) -> dict:
                 index=index, count=count, first=first, stop=stop)
 
 
-def _differences(a: dict, b: dict) -> str:
-    keys = [k for k in FINGERPRINTED if a.get(k) != b.get(k)]
-    return ", ".join(keys) if keys else "settings outside sweep_info.json (top_k, flow options, ...)"
+def _differences(a: dict, b: dict) -> list[str]:
+    return [k for k in FINGERPRINTED if a.get(k) != b.get(k)]
 
 
 def _check_cover(shards: list[dict]) -> None:
     first = shards[0]
     for s in shards[1:]:
-        if s["info"]["fingerprint"] != first["info"]["fingerprint"]:
-            raise InputError(f"{first['dir']} and {s['dir']} are shards of different sweeps "
-                             f"(they differ in {_differences(first['info'], s['info'])})")
+        # the fields too, not only the hash: a hand-edited grid keeps its old fingerprint
+        keys = _differences(first["info"], s["info"])
+        if keys or s["info"]["fingerprint"] != first["info"]["fingerprint"]:
+            raise InputError(f"{first['dir']} and {s['dir']} are shards of different sweeps (they differ in "
+                             f"{', '.join(keys) or 'settings outside sweep_info.json (top_k, flow options, ...)'})")
     counts = {s["count"] for s in shards}
     if len(counts) > 1:
         raise InputError("the shards were cut into different numbers of shards "
@@ -152,18 +154,47 @@ def _check_cover(shards: list[dict]) -> None:
         stop = s["stop"]
 
 
+def _kind(v) -> str:
+    """A JSON value's kind for the row check (ints and floats are one kind)."""
+    return "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else type(v).__name__
+
+
+def _row_kinds(rec, prefix: str = "") -> dict[str, str]:
+    """The kind of every entry of a row, nested entries as ``model.key``; null entries have none
+    (a metric may be missing in one row, a message present in another)."""
+    out = {}
+    for k, v in rec.items():
+        if v is None:
+            continue
+        out[prefix + k] = _kind(v)
+        if isinstance(v, dict):
+            out.update(_row_kinds(v, f"{prefix}{k}."))
+    return out
+
+
 def _check_rows(shards: list[dict]) -> None:
-    """Each row is the configuration its position says (the shard was not edited or mixed up)."""
+    """Each row is the configuration its position says (the shard was not edited or mixed up),
+    and holds the same entries, of the same kinds, as every other row (a hand-edited value such as
+    a string where a loss was would otherwise break the figures after the merge began)."""
     from ._sweep import configurations
 
     info = shards[0]["info"]
     configs = configurations(info["grid"], info["seeds"])
+    seen: dict[str, tuple[str, str]] = {}  # entry -> (its kind, where it was first seen)
     for s in shards:
         for j, rec in enumerate(s["records"]):
             hp, seed = configs[s["first"] + j]
-            if rec.get("hyperparameters") != hp or rec.get("seed") != seed:
+            if not isinstance(rec, dict) or rec.get("hyperparameters") != hp or rec.get("seed") != seed:
                 raise InputError(f"{s['dir']}: row {j} of sweep.json is not configuration {s['first'] + j} "
                                  f"({hp}, seed {seed})")
+            for m in info.get("models", []):
+                if not isinstance(rec.get(m), dict):
+                    raise InputError(f"{s['dir']}: row {j} of sweep.json has no {m} record (was the file edited?)")
+            for key, kind in _row_kinds(rec).items():
+                first = seen.setdefault(key, (kind, f"{s['dir']} row {j}"))
+                if first[0] != kind:
+                    raise InputError(f"{s['dir']}: row {j} of sweep.json has a {kind} as {key}, where {first[1]} has "
+                                     f"a {first[0]} (was the file edited?)")
 
 
 def _merge_arrays(shards: list[dict]) -> dict[str, np.ndarray]:

@@ -185,6 +185,31 @@ def test_merge_refusals_write_nothing(whole, shards, tmp_path):
     with pytest.raises(InputError, match="one of the shards"):
         merge_shards(two, two[0], overwrite=True)
 
+    # stop-44 QA: hand-edited or damaged shards were a traceback, or merged silently
+    def edited(name, edit):
+        d = tmp_path / name
+        d.mkdir()
+        for f in two[1].iterdir():
+            (d / f.name).write_bytes(f.read_bytes())
+        edit(d)
+        return d
+
+    def json_edit(file, change):
+        def edit(d):
+            obj = json.loads((d / file).read_text())
+            change(obj)
+            (d / file).write_text(json.dumps(obj))
+        return edit
+
+    npz = edited("npz", lambda d: (d / "sweep_arrays.npz").write_bytes((d / "sweep_arrays.npz").read_bytes()[:1000]))
+    _refused([two[0], npz], out, "cannot read the sweep .BadZipFile")
+    text = edited("text", json_edit("sweep.json", lambda r: r[0]["discrete"].update(final_loss="abc")))
+    _refused([two[0], text], out, "row 0 of sweep.json has a str as discrete.final_loss, where .* has a number")
+    gone = edited("gone", json_edit("sweep.json", lambda r: r[0].update(discrete=None)))
+    _refused([two[0], gone], out, "row 0 of sweep.json has no discrete record")
+    grid = edited("grid", json_edit("sweep_info.json", lambda i: i["grid"]["learning_rate"].__setitem__(0, 0.31)))
+    _refused([two[0], grid], out, "shards of different sweeps .*differ in grid")  # its fingerprint was not edited
+
 
 def test_cli_shards_and_merge(tmp_path, capsys):
     base = ["sweep", "--problem", "toy", "--optimizer", "gd", "--learning-rate", "0.3,0.5", "--steps", "20",
