@@ -234,9 +234,18 @@ def check_problem(loss_fn, params0) -> None:
         value = loss_fn(params0)
     except Exception as e:  # user code: report, do not crash
         raise InputError(f"loss_fn(params0) raised {type(e).__name__}: {e}") from None
+    if not isinstance(value, (jax.Array, np.ndarray, np.generic)):  # a constant: 1.5 reached the solver as a float
+        raise InputError(f"loss_fn must return a JAX scalar computed from the parameters, got {type(value).__name__} "
+                         f"{value!r}")
     _check_scalar(jnp.shape(value), value)
     if not bool(jnp.isfinite(value)):
         raise InputError(f"loss is not finite at the initial parameters ({float(value)})")
+    try:  # run eagerly it may work; every driver traces it (float(x), or `if` on a parameter, cannot be traced)
+        jax.eval_shape(loss_fn, params0)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"loss_fn cannot be traced by JAX ({type(e).__name__}: {first}); write it with jax.numpy "
+                         "operations only (jnp.where for branches, no float() or if on parameter values)") from None
 
 
 def _check_params(params0, half_ok: bool = False) -> None:

@@ -67,6 +67,11 @@ def test_diverging_discrete_run_still_reports(tmp_path):
         (lambda w: w, jnp.ones(3), "must return a scalar"),
         (lambda w: jnp.sum(w) * jnp.nan, jnp.ones(3), "not finite"),
         (lambda w: jnp.sum(w), jnp.ones(3, int), "floating-point"),
+        # stop-44 QA: these passed the check, then crashed inside the stable flow's solve or its trace
+        (lambda w: 1.5, jnp.ones(3), "must return a JAX scalar computed from the parameters, got float 1.5"),
+        (lambda w: float(jnp.sum(w)), jnp.ones(3), "must return a JAX scalar"),
+        (lambda w: jnp.sum(w) if w[0] > 0 else -jnp.sum(w), jnp.ones(3),
+         r"cannot be traced by JAX \(TracerBoolConversionError"),
     ],
 )
 def test_bad_problems(loss, params, match):
