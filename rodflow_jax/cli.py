@@ -151,12 +151,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--objective", default="mean_loss_last:100", help="mean_loss_last:K, final_loss, ...")
     t.add_argument("--model", default="discrete", help="discrete or a flow whose objective is estimated")
     t.add_argument("--wrt", default="learning_rate", help="comma list of hyperparameters to move")
-    t.add_argument("--iterations", type=int, default=8)
+    t.add_argument("--iterations", type=int, default=8, help="hypergradient estimates, one sign step after each")
     t.add_argument("--step", type=float, default=0.2, help="first step in log(rate) (log(1 - decay) for decays)")
-    t.add_argument("--estimator", default="es", choices=("es", "smoothed", "exact"))
-    t.add_argument("--pairs", type=int, default=4)
-    t.add_argument("--width", type=float, default=0.1)
-    t.add_argument("--seed", type=_seed, default=0)
+    t.add_argument("--estimator", default="es", choices=("es", "smoothed", "exact"),
+                   help="how each iteration estimates the derivative (as in rodflow hypergrad)")
+    t.add_argument("--pairs", type=int, default=4, help="es/smoothed: antithetic sample pairs per iteration")
+    t.add_argument("--width", type=float, default=0.1, help="es/smoothed: relative half-width of the window")
+    t.add_argument("--seed", type=_seed, default=0, help="the problem's seed (its make(seed))")
     t.add_argument("--out", default=None, help="JSON file (default: print only)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p
@@ -494,9 +495,18 @@ def _cmd_tune(args) -> int:
     if out is not None:
         write_json_atomic(out, report, overwrite=args.overwrite)
     for row in res.history:
+        at = "  ".join(f"{k}={v:.6g}" for k, v in row["hyperparameters"].items())
+        if row.get("diverged"):  # no estimate: say so rather than print nan
+            print(f"{row['iteration']:3d}  {args.objective}: diverged (a run of the estimate diverged; stepping back)  {at}")
+            continue
         print(f"{row['iteration']:3d}  {args.objective} = {row['objective']:.6g}  "
               + "  ".join(f"{k}={v:.6g} (d/d{k} {row['gradient'][k]:+.3g})" for k, v in row["hyperparameters"].items()))
     print("tuned: " + ", ".join(f"{k}={v:.6g}" for k, v in res.hyperparameters.items()) + f" ({res.runs} runs)")
+    if all(row.get("diverged") for row in res.history):
+        print("note: every iteration diverged, so no estimate was made; the tuned value is the start stepped back "
+              "and was never run: start from a smaller rate")
+    elif res.history[-1].get("diverged"):
+        print("note: the last iteration diverged; the tuned value was stepped back from it and was not run")
     return 0
 
 

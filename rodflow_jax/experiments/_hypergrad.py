@@ -245,7 +245,9 @@ def flow_start(loss_fn, params0, optimizer: AbstractOptimizer, num_steps: int, m
     (:func:`~._evaluate.transient_starts`). That costs a probe at step 0, and an undifferentiated
     discrete run with its probes where that probe finds the run above 1.5x its threshold;
     ``tune`` resolves it once, at its first hyperparameters."""
-    if model == "discrete":
+    if model == "discrete":  # no flow to start; a start step given is still checked, not ignored
+        if start_step != "auto":
+            resolve_start(start_step, [optimizer], num_steps)
         return 0
     K = resolve_start(start_step, [optimizer], num_steps)
     if start_step != "auto":

@@ -54,8 +54,8 @@ def tune(loss_fn, params0, optimizer, num_steps: int, *, objective: str, wrt: Se
 
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise InputError(f"iterations must be an integer >= 1, got {iterations!r}")
-    if not step > 0:
-        raise InputError(f"step must be positive, got {step!r}")
+    if not (step > 0 and math.isfinite(step)):
+        raise InputError(f"step must be a positive finite number, got {step!r}")
     wrt = list(wrt)
     if "params0" in wrt:
         raise InputError("tune moves hyperparameters, not params0")

@@ -87,3 +87,22 @@ def test_cli_hypergrad_estimator_and_tune(tmp_path, capsys):
     assert len(rep["history"]) == 2 and rep["runs"] == 8
     assert main(["tune", "--problem", "toy", "--iterations", "0", "--out", str(tmp_path / "x.json")]) == 2
     assert not (tmp_path / "x.json").exists()
+
+
+def test_cli_tune_says_when_its_runs_diverged_and_refuses_what_it_ignored(tmp_path, capsys):
+    """Stop-44 QA: a tune whose every estimate diverged printed `= nan` rows and a tuned value
+    that was never run; `--step inf` ran (tuned: learning_rate=inf); `--start-step -1` with the
+    discrete model was ignored (refused for a flow)."""
+    base = ["tune", "--problem", "toy", "--steps", "60", "--objective", "mean_loss_last:20", "--pairs", "2",
+            "--no-progress"]
+    assert main(base + ["--iterations", "2", "--learning-rate", "3.0"]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out and out.count(": diverged (a run of the estimate diverged") == 2
+    assert "note: every iteration diverged" in out
+    for argv, match in ((base + ["--step", "inf"], "step must be a positive finite number, got inf"),
+                        (base + ["--start-step", "-1"], "start step must lie in [0, steps - 2] = [0, 58], got -1"),
+                        (["hypergrad", "--problem", "toy", "--steps", "60", "--model", "discrete", "--start-step", "100"],
+                         "start step must lie in")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1, err
