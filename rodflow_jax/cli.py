@@ -130,6 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("dirs", nargs="+", metavar="DIR", help="the N shard folders, in any order")
     m.add_argument("--out", required=True, help="the merged sweep folder")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    m.add_argument("--no-progress", action="store_true",
+                   help="accepted as by every other command (a merge shows no progress: it reads and writes files)")
     h = sub.add_parser("hypergrad", parents=[_common(True)], formatter_class=_Help,
                        help="derivative of a run's objective with respect to hyperparameters")
     h.add_argument("--objective", default="final_loss", help="final_loss, mean_loss_last:K or final_sharpness")

@@ -59,10 +59,8 @@ def parse_objective(objective: str, num_steps: int) -> tuple[str, int]:
         return objective, 1
     head, _, k = objective.partition(":")
     if head == "mean_loss_last":
-        try:
-            K = int(k)
-        except ValueError:
-            K = 0
+        # digits only, no sign, space or leading zero: the objective's name is recorded as written
+        K = int(k) if k.isascii() and k.isdigit() and not k.startswith("0") else 0
         if not 1 <= K <= num_steps:
             raise InputError(f"objective mean_loss_last:K needs 1 <= K <= steps ({num_steps}), got {objective!r}")
         return "mean_loss", K

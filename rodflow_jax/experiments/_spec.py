@@ -196,6 +196,11 @@ def differentiable(loss_fn, params0):
     with non-array leaves, e.g. activation functions, or integer buffers) is accepted as it is,
     and only its floating-point arrays are trained and compared."""
     leaves = jax.tree.leaves(params0)
+    if leaves and not any(eqx.is_inexact_array(x) for x in leaves):  # e.g. [1.0, 2.0]: Python floats are constants
+        found = ", ".join(sorted({type(x).__name__ if not hasattr(x, "dtype") else f"{type(x).__name__} of {x.dtype}"
+                                  for x in leaves}))
+        raise InputError(f"params0 has no floating-point array leaves (found {found}): make the parameters arrays, "
+                         "e.g. jnp.asarray([1.0, 2.0])")
     if all(eqx.is_inexact_array(x) for x in leaves):
         return loss_fn, params0
     arrays, static = eqx.partition(params0, eqx.is_inexact_array)

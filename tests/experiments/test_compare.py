@@ -329,3 +329,11 @@ def test_loss_plot_marks_where_a_failed_flow_stopped():
     assert line.get_label() == "stable flow failed at step 22" and list(line.get_xdata()) == [22, 22]
     assert line.get_color() == COLORS["stable"]
     plt.close(fig)
+
+
+def test_python_float_parameters_are_named_in_the_refusal():
+    """Stop-44 QA: ``[1.0, 2.0]`` or a bare ``1.0`` as params0 was refused as having 'no
+    floating-point array leaves' without saying what it had found."""
+    for params in ([1.0, 2.0], 1.0):
+        with pytest.raises(rf.InputError, match=r"no floating-point array leaves \(found float\): make the parameters"):
+            rf.compare(lambda p: jnp.sum(jnp.asarray(p) ** 2), params, rf.make_optimizer("gd", learning_rate=0.1), 10)

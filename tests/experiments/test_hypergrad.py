@@ -73,6 +73,11 @@ def test_bad_wrt_and_objective():
         hypergradient(loss_fn, p0, opt, STEPS, wrt=("b1",))
     with pytest.raises(InputError, match="objective"):
         hypergradient(loss_fn, p0, opt, STEPS, objective="median_loss")
+    # stop-44 QA: loose spellings of K ran, and were recorded as written ("mean_loss_last: 5")
+    for objective in ("mean_loss_last: 5", "mean_loss_last:+5", "mean_loss_last:05", "mean_loss_last:0",
+                      "mean_loss_last:2.5", f"mean_loss_last:{STEPS + 1}"):
+        with pytest.raises(InputError, match=r"mean_loss_last:K needs 1 <= K <= steps"):
+            hypergradient(loss_fn, p0, opt, STEPS, objective=objective)
 
 
 USER = """

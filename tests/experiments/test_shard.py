@@ -218,7 +218,8 @@ def test_cli_shards_and_merge(tmp_path, capsys):
     for i in range(2):
         assert main(base + ["--shard", f"{i}/2", "--out", str(tmp_path / f"s{i}")]) == 0
     capsys.readouterr()
-    assert main(["merge", str(tmp_path / "s1"), str(tmp_path / "s0"), "--out", str(tmp_path / "m")]) == 0
+    assert main(["merge", str(tmp_path / "s1"), str(tmp_path / "s0"), "--out", str(tmp_path / "m"),
+                 "--no-progress"]) == 0  # accepted, as by every command (stop-44 QA)
     assert "merged 2 shards: 2 configurations" in capsys.readouterr().out
     _same_sweep(tmp_path / "whole", tmp_path / "m")
     # refusals: one line, exit 2, before any compute or writing
