@@ -13,6 +13,12 @@ class InputError(ValueError):
     """Bad user input: the CLI reports it as one line and exits with code 2."""
 
 
+def leaf_kinds(leaves) -> str:
+    """What a pytree's leaves are, for a refusal: ``"float"``, ``"int32 array"``, ``"str"``, ..."""
+    kinds = {f"{x.dtype} array" if hasattr(x, "dtype") and hasattr(x, "shape") else type(x).__name__ for x in leaves}
+    return ", ".join(sorted(kinds)) or "nothing"
+
+
 def _concrete(x) -> float | None:
     """Return ``x`` as a Python float, or ``None`` if it is a tracer or a callable."""
     if callable(x) or isinstance(x, jax.core.Tracer):

@@ -469,7 +469,7 @@ def _cmd_hypergrad(args) -> int:
         write_json_atomic(out, report, overwrite=args.overwrite)
     value = report["objective"]
     se = report.get("standard_error") or {}
-    parts = [f"d/d{k} = {v:.6g}" + (f" +- {se[k]:.2g}" if se.get(k) is not None else "")
+    parts = [f"d/d{k} = {v + 0.0:.6g}" + (f" +- {se[k]:.2g}" if se.get(k) is not None else "")
              for k, v in report["gradient"].items() if v is not None]
     how = f"({report['estimator']}, {report['samples']} run{'s' if report['samples'] != 1 else ''})"
     shown = f"; {', '.join(parts)} {how}" if parts else f" {how}"

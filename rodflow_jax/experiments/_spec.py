@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._errors import InputError
+from .._errors import InputError, leaf_kinds
 from ..flows import FLOW_KINDS, flow_kind
 from ..optimizers import AbstractOptimizer, hyperparameter_names, make_optimizer
 
@@ -197,9 +197,7 @@ def differentiable(loss_fn, params0):
     and only its floating-point arrays are trained and compared."""
     leaves = jax.tree.leaves(params0)
     if leaves and not any(eqx.is_inexact_array(x) for x in leaves):  # e.g. [1.0, 2.0]: Python floats are constants
-        found = ", ".join(sorted({type(x).__name__ if not hasattr(x, "dtype") else f"{type(x).__name__} of {x.dtype}"
-                                  for x in leaves}))
-        raise InputError(f"params0 has no floating-point array leaves (found {found}): make the parameters arrays, "
+        raise InputError(f"params0 has no floating-point array leaves (found {leaf_kinds(leaves)}): make the parameters arrays, "
                          "e.g. jnp.asarray([1.0, 2.0])")
     if all(eqx.is_inexact_array(x) for x in leaves):
         return loss_fn, params0

@@ -18,6 +18,7 @@ import uuid
 import jax
 import jax.numpy as jnp
 
+from .._errors import leaf_kinds
 from ._base import InputError
 
 
@@ -74,8 +75,7 @@ def _check_params(params0, label: str) -> None:
 
     leaves = jax.tree_util.tree_leaves(params0)
     if not any(eqx.is_inexact_array(x) or isinstance(x, float) for x in leaves):
-        kinds = sorted({type(x).__name__ for x in leaves}) or ["nothing"]
-        raise InputError(f"{label} returned params0 with no floating-point array leaves (found {', '.join(kinds)})")
+        raise InputError(f"{label} returned params0 with no floating-point array leaves (found {leaf_kinds(leaves)})")
 
 
 def _widen_floats(params):
