@@ -69,7 +69,9 @@ def _mark_divergence(ax, metrics) -> None:
         ax.axvline(d["diverged_at"], color="red", lw=1.0, ls=":", label=f"discrete diverged at step {d['diverged_at']}")
     for m in FLOW_NAMES:
         f = metrics.get(m) or {}
-        if f.get("failed") and f.get("failed_at") is not None and f["failed_at"] != d.get("diverged_at"):
+        # solver_steps 0: a flow that never started (the discrete run diverged before it), not a failure
+        if f.get("failed") and f.get("solver_steps") and f.get("failed_at") is not None \
+                and f["failed_at"] != d.get("diverged_at"):
             ax.axvline(f["failed_at"], color=COLORS[m], lw=1.0, ls="-.", label=f"{m} flow failed at step {f['failed_at']}")
 
 

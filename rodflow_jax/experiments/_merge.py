@@ -82,6 +82,11 @@ def _canonical(x):
     return x
 
 
+# written by the CLI only, after the fingerprint (which hashes the dtype instead): a shard made from
+# Python has no such entry and still merges with a CLI shard of the same sweep
+UNHASHED = ("float64",)
+
+
 def fingerprint(fields: dict[str, Any]) -> str:
     """A short hash of the fields every shard of one sweep must share."""
     text = json.dumps(_canonical(fields), sort_keys=True, separators=(",", ":"))
@@ -129,7 +134,7 @@ def _check_cover(shards: list[dict]) -> None:
     for s in shards[1:]:
         # the fields too, not only the hash: a hand-edited grid keeps its old fingerprint
         keys = _differences(first["info"], s["info"])
-        if keys or s["info"]["fingerprint"] != first["info"]["fingerprint"]:
+        if [k for k in keys if k not in UNHASHED] or s["info"]["fingerprint"] != first["info"]["fingerprint"]:
             raise InputError(f"{first['dir']} and {s['dir']} are shards of different sweeps (they differ in "
                              f"{', '.join(keys) or 'settings outside sweep_info.json (top_k, flow options, ...)'})")
     counts = {s["count"] for s in shards}

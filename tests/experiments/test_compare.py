@@ -321,8 +321,9 @@ def test_loss_plot_marks_where_a_failed_flow_stopped():
 
     from rodflow_jax._plot import COLORS, _mark_divergence
 
-    metrics = {"discrete": {"diverged": False}, "stable": {"failed": True, "failed_at": 22},
-               "rod": {"failed": False, "failed_at": None}}
+    metrics = {"discrete": {"diverged": False}, "stable": {"failed": True, "failed_at": 22, "solver_steps": 40},
+               "rod": {"failed": False, "failed_at": None, "solver_steps": 90},
+               "inertial": {"failed": True, "failed_at": 5, "solver_steps": 0}}  # never started: no line
     fig, ax = plt.subplots()
     _mark_divergence(ax, metrics)
     (line,) = ax.get_lines()

@@ -209,6 +209,9 @@ def test_merge_refusals_write_nothing(whole, shards, tmp_path):
     _refused([two[0], gone], out, "row 0 of sweep.json has no discrete record")
     grid = edited("grid", json_edit("sweep_info.json", lambda i: i["grid"]["learning_rate"].__setitem__(0, 0.31)))
     _refused([two[0], grid], out, "shards of different sweeps .*differ in grid")  # its fingerprint was not edited
+    # the CLI writes float64 into sweep_info.json after the fingerprint; a Python shard has no such entry
+    cli = edited("cli", json_edit("sweep_info.json", lambda i: i.update(float64=True)))
+    merge_shards([two[0], cli], out)
 
 
 def test_cli_shards_and_merge(tmp_path, capsys):
